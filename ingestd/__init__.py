@@ -1,0 +1,1 @@
+"""ingestd: Kafka to Celery, fast and at-least-once."""

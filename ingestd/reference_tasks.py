@@ -1,0 +1,103 @@
+"""The reference Celery app that ingestd feeds in the demo, tests and benchmarks.
+
+Run it with ``celery -A ingestd.reference_tasks worker``. Each task scores a
+signal against a per-source running mean and deviation (Welford) and records
+the task id and the score in Redis, so that callers can count what ran:
+
+- ``<prefix>scores``: hash, field = task id (``<id>/<i>`` for batch items), value = score
+- ``<prefix>executed``: counter of executed signals, repeats included
+
+The broker comes from ``CELERY_BROKER_URL`` (default ``redis://localhost:6379/0``);
+the results go to ``INGESTD_RESULTS_URL``, else to the broker when it is Redis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
+RESULTS_PREFIX = os.environ.get("INGESTD_RESULTS_PREFIX", "ingestd:ref:")
+SCORES_KEY = RESULTS_PREFIX + "scores"
+EXECUTED_KEY = RESULTS_PREFIX + "executed"
+
+app = Celery("ingestd_reference", broker=BROKER_URL)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+def results_url(broker_url: str = BROKER_URL) -> str:
+    """Where the tasks record their scores: a Redis URL."""
+    explicit = os.environ.get("INGESTD_RESULTS_URL")
+    if explicit:
+        return explicit
+    if broker_url.startswith(("redis://", "rediss://")):
+        return broker_url
+    return "redis://localhost:6379/0"
+
+
+@dataclass
+class RunningStats:
+    """Welford's online mean and variance."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: float) -> float:
+        """Fold ``x`` in and return its z-score against the stats before it."""
+        std = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
+        z = (x - self.mean) / std if std > 0 else 0.0
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+        return z
+
+
+_stats: dict[str, RunningStats] = {}
+_redis: redis.Redis | None = None
+
+
+def _results() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(results_url())
+    return _redis
+
+
+def score(signal: dict[str, Any]) -> float:
+    """The z-score of ``signal['value']`` among earlier values of its source."""
+    stats = _stats.setdefault(str(signal.get("source", "")), RunningStats())
+    return stats.add(float(signal["value"]))
+
+
+def _record(scores: dict[str, float]) -> None:
+    pipe = _results().pipeline(transaction=False)
+    pipe.hset(SCORES_KEY, mapping={k: repr(v) for k, v in scores.items()})
+    pipe.incrby(EXECUTED_KEY, len(scores))
+    pipe.execute()
+
+
+@app.task(name="ingest_and_score_signal", bind=True)
+def ingest_and_score_signal(self: Task, signal: dict[str, Any]) -> float:
+    z = score(signal)
+    _record({str(self.request.id): z})
+    return z
+
+
+@app.task(name="ingest_and_score_signals", bind=True)
+def ingest_and_score_signals(self: Task, signals: list[dict[str, Any]]) -> list[float]:
+    zs = [score(s) for s in signals]
+    _record({f"{self.request.id}/{i}": z for i, z in enumerate(zs)})
+    return zs

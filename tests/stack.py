@@ -1,0 +1,171 @@
+"""Helpers for tests that run against the real local stack (scripts/stack up)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parent.parent
+BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
+REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
+RABBITMQ_URL = f"amqp://guest:guest@127.0.0.1:{os.environ.get('RABBITMQ_PORT', '5672')}//"
+REDIS_DATABASES = 64  # scripts/stack starts redis-server with --databases 64
+
+_db_numbers = itertools.cycle(range(1, REDIS_DATABASES))
+
+
+def redis_url(db: int) -> str:
+    return f"redis://127.0.0.1:{REDIS_PORT}/{db}"
+
+
+def fresh_redis_db() -> int:
+    """A Redis database number of this test's own, emptied."""
+    db = next(_db_numbers)
+    redis.Redis(port=REDIS_PORT, db=db).flushdb()
+    return db
+
+
+_admin: AdminClient | None = None
+
+
+def admin() -> AdminClient:
+    """One AdminClient for the test session; its futures need it alive."""
+    global _admin
+    if _admin is None:
+        _admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    return _admin
+
+
+def create_topic(partitions: int = 1, prefix: str = "t") -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    futures = admin().create_topics([NewTopic(name, partitions, 1)], operation_timeout=15)
+    futures[name].result(timeout=30)
+    wait_for_topic(name, partitions)
+    return name
+
+
+def wait_for_topic(name: str, partitions: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = admin().list_topics(name, timeout=5).topics.get(name)
+        if meta and meta.error is None and len(meta.partitions) == partitions:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {name} not ready")
+
+
+def delete_topic(name: str) -> None:
+    for future in admin().delete_topics([name], operation_timeout=15).values():
+        future.result(timeout=30)
+
+
+def produce(topic: str, records: Iterable[bytes | None], partition: int | None = None,
+            keys: Iterable[bytes | None] | None = None) -> int:
+    """Produce records and wait until Kafka acknowledged every one."""
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "acks": "all"})
+    errors: list[Any] = []
+
+    def report(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err)
+
+    n = 0
+    key_iter = iter(keys) if keys is not None else itertools.repeat(None)
+    for value in records:
+        kwargs: dict[str, Any] = {"value": value, "key": next(key_iter), "on_delivery": report}
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+        n += 1
+    assert producer.flush(60) == 0, "producer did not flush"
+    assert not errors, errors
+    return n
+
+
+def consume_all(topic: str, expected: int, timeout: float = 60) -> list[Any]:
+    """Read ``expected`` records from the start of ``topic`` without a group commit."""
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"reader-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None:
+                    out.append(msg)
+    finally:
+        consumer.close()
+    return out
+
+
+def committed_offsets(group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": group})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        consumer.close()
+
+
+def end_offsets(topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": "watermarks"})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def celery_worker(broker_url: str, queue: str = "celery", concurrency: int = 2,
+                  env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``celery worker`` running the reference tasks, stopped on exit."""
+    log = Path(os.environ.get("INGESTD_TEST_LOGS", "/tmp")) / f"celery-{uuid.uuid4().hex[:8]}.log"
+    full_env = {**os.environ, "CELERY_BROKER_URL": broker_url, **(env or {})}
+    cmd = [sys.executable, "-m", "celery", "-A", "ingestd.reference_tasks", "worker",
+           "--loglevel", "INFO", "-Q", queue, "-c", str(concurrency), "--without-gossip",
+           "--without-mingle", "--without-heartbeat", "-n", f"ref-{uuid.uuid4().hex[:8]}@%h"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery worker did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
