@@ -1,0 +1,5 @@
+import sys
+
+from ingestd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""``ingestd --check``: print the effective configuration and reach every dependency."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ingestd import config as cfg
+from ingestd import dispatch, kafka
+from ingestd.errors import ExitCode, IngestdError
+
+TIMEOUT = 10.0
+
+
+def run_check(loaded: cfg.Loaded) -> int:
+    config = loaded.config
+    print("effective configuration:")
+    for line in cfg.describe(loaded):
+        print("  " + line)
+    problems: list[str] = []
+    problems += check_kafka(config)
+    problems += check_broker(config)
+    for p in problems:
+        print(f"problem: {cfg.redact(p)}")
+    print("check: ok" if not problems else f"check: {len(problems)} problem(s)")
+    return ExitCode.OK if not problems else ExitCode.RUNTIME
+
+
+def check_kafka(config: cfg.Config) -> list[str]:
+    props = {k: v for k, v in kafka.producer_config(config).items()
+             if k not in ("acks", "enable.idempotence", "linger.ms")}
+    admin = AdminClient(props)
+    try:
+        meta = admin.list_topics(timeout=TIMEOUT)
+    except KafkaException as exc:
+        return [f"kafka {config.bootstrap_servers}: unreachable ({exc.args[0].str()})"]
+    print(f"kafka {config.bootstrap_servers}: reachable, {len(meta.topics)} topics")
+    problems = []
+    for name in config.topic:
+        topic = meta.topics.get(name)
+        if topic is None or topic.error is not None:
+            problems.append(f"source topic {name!r} does not exist")
+        else:
+            print(f"  source topic {name}: {len(topic.partitions)} partitions")
+    dlq = config.dead_letter_topic
+    if not dlq:
+        print("  dead-letter topic: disabled")
+    elif dlq in meta.topics:
+        print(f"  dead-letter topic {dlq}: exists")
+    else:
+        future = admin.create_topics([NewTopic(dlq, 1)], validate_only=True)[dlq]
+        try:
+            future.result(timeout=TIMEOUT)
+            print(f"  dead-letter topic {dlq}: missing, can be created")
+        except KafkaException as exc:
+            problems.append(f"dead-letter topic {dlq!r} is missing and cannot be created: "
+                            f"{exc.args[0].str()}")
+    return problems
+
+
+def check_broker(config: cfg.Config) -> list[str]:
+    try:
+        dispatcher = dispatch.create(config)
+        dispatcher.ping()
+        depth = dispatcher.queue_depth()
+        dispatcher.close()
+    except IngestdError as exc:
+        return [f"celery broker {cfg.redact_url(config.broker_url)}: {exc}"]
+    except Exception as exc:
+        return [f"celery broker {cfg.redact_url(config.broker_url)}: unreachable ({exc})"]
+    print(f"celery broker {cfg.redact_url(config.broker_url)}: reachable, "
+          f"queue {config.queue} holds {depth} messages")
+    return []

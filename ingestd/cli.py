@@ -1,0 +1,81 @@
+"""``ingestd``: parse the configuration, then ``--check`` or run the supervisor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from ingestd import config as cfg
+from ingestd import logs
+from ingestd.errors import ConfigError, ExitCode, IngestdError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Signals stay blocked until the supervisor's handlers are installed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                              signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU))
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        loaded = cfg.load(args)
+        validate(loaded.config)
+    except ConfigError as exc:
+        print(f"ingestd: error: {cfg.redact(str(exc))}", file=sys.stderr)
+        return ExitCode.CONFIG
+    logs.configure(loaded.config.log_format, loaded.config.log_level)
+    if loaded.check:
+        from ingestd.check import run_check
+
+        return run_check(loaded)
+    return supervise(loaded, args)
+
+
+def validate(config: cfg.Config) -> None:
+    """Checks that need imports: the schema module and the librdkafka properties."""
+    from ingestd import kafka, schema
+
+    schema.load_struct(config.schema)
+    kafka.check_properties(kafka.consumer_config(config, 0), "consumer")
+
+
+def supervise(loaded: cfg.Loaded, args: list[str]) -> int:
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    owned = metrics_dir is None
+    if metrics_dir is None:
+        metrics_dir = tempfile.mkdtemp(prefix="ingestd-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    else:  # wipe before the first fork: files of an earlier run would add to the counts
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.makedirs(metrics_dir, exist_ok=True)
+    from ingestd import http
+    from ingestd.supervisor import Supervisor
+
+    def reload() -> cfg.Loaded:
+        again = cfg.load(args)
+        validate(again.config)
+        return again
+
+    sup = Supervisor(loaded, reload)
+    log = logs.get("supervisor")
+    try:
+        if loaded.config.metrics_addr:
+            try:
+                http.serve(loaded.config.metrics_addr, sup.alive, sup.readiness)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", loaded.config.metrics_addr,
+                          exc.strerror)
+                return ExitCode.CONFIG
+        return sup.run()
+    except IngestdError as exc:
+        log.error("%s", exc)
+        return int(exc.exit_code)
+    finally:
+        if owned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

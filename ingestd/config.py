@@ -1,0 +1,386 @@
+"""Every setting, declared once: type, default, flag, environment variable, TOML key, help.
+
+The argparse parser, ``--help``, ``--check`` output and the README's option
+table are generated from :data:`SETTINGS`. Precedence: flag > ``INGESTD_*``
+environment > ``--config`` TOML file > the old script's variables > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+from ingestd.errors import ConfigError
+
+Parser = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one setting is spelled on the command line, in the environment and in TOML."""
+
+    help: str
+    parse: Parser = str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    legacy_env: str | None = None
+    repeatable: bool = False
+    short: str | None = None
+    check: Callable[[Any], str | None] | None = None  # returns what was expected, or None
+    default_doc: str | None = None
+
+
+def _positive(v: Any) -> str | None:
+    return None if v >= 1 else "a whole number >= 1"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "a number >= 0"
+
+
+def _broker_url(v: str) -> str | None:
+    scheme = urlsplit(v).scheme
+    if scheme not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
+        return "a URL starting with redis://, rediss:// or amqp://"
+    try:
+        urlsplit(v).port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        return "a URL with a numeric port"
+    return None
+
+
+def _host_port(v: str) -> str | None:
+    if v == "":
+        return None
+    host, sep, port = v.rpartition(":")
+    return None if sep and port.isdigit() else "HOST:PORT, or \"\" to disable"
+
+
+def _kafka_property(v: str) -> str | None:
+    key, sep, _ = v.partition("=")
+    return None if sep and key.strip() else "key=value"
+
+
+def _schema(v: str) -> str | None:
+    if v in ("signal", "object") or re.fullmatch(r"[\w.]+:\w+", v):
+        return None
+    return "signal, object or module:Struct"
+
+
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(v)
+
+
+def setting(default: Any = None, **spec: Any) -> Any:
+    """A dataclass field carrying its :class:`Spec`."""
+    meta = {"spec": Spec(**spec)}
+    if isinstance(default, list | dict) or callable(default):
+        factory = default if callable(default) else (lambda: type(default)(default))
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration; frozen, and all a worker is given besides its slot."""
+
+    workers: int = setting(
+        lambda: os.cpu_count() or 1, parse=int, metavar="N", check=_positive,
+        default_doc="number of CPUs", help="worker processes")
+    topic: tuple[str, ...] = setting(
+        ("pulse_signals",), metavar="T", repeatable=True, legacy_env="KAFKA_TOPIC",
+        help="source topic (repeatable; comma-separated in the environment)")
+    bootstrap_servers: str = setting(
+        "localhost:9092", metavar="HOSTS", legacy_env="KAFKA_BOOTSTRAP", help="Kafka bootstrap")
+    group_id: str = setting(
+        "pulse_ingest_group", metavar="G", legacy_env="KAFKA_GROUP", help="consumer group")
+    assignment: str = setting(
+        "group", choices=("group", "static"), help="how partitions are pinned to workers")
+    instance_id: str = setting(
+        lambda: socket.gethostname(), metavar="ID", default_doc="host name",
+        help="static membership id prefix; each worker joins as <instance-id>-<slot>")
+    partitions: str = setting(
+        "", metavar="LIST", help="static mode: partitions this host owns, e.g. 0-5,8 (all if empty)")
+    broker_url: str = setting(
+        "redis://localhost:6379/0", metavar="URL", legacy_env="CELERY_BROKER_URL",
+        check=_broker_url, help="Celery broker (redis://, rediss://, amqp://)")
+    task: str = setting("ingest_and_score_signal", metavar="NAME",
+                        help="task name, one task per signal")
+    queue: str = setting("celery", metavar="Q", help="Celery queue / routing key")
+    dispatch: str = setting(
+        "each", choices=("each", "batch"),
+        help="each: one task per signal; batch: one task per partition slice of a batch")
+    batch_task: str = setting("ingest_and_score_signals", metavar="NAME",
+                              help="task name in batch dispatch, args [[signal, ...]]")
+    schema: str = setting(
+        "signal", metavar="SCHEMA", check=_schema,
+        help="signal, object (any JSON object) or module:Struct (a msgspec Struct)")
+    dlq_topic: str | None = setting(
+        None, metavar="T", default_doc="<first topic>.dlq",
+        help='dead-letter topic; "" disables (invalid records are counted, logged, skipped)')
+    batch_size: int = setting(1000, parse=int, metavar="N", check=_positive,
+                              help="records per consume batch")
+    batch_timeout_ms: int = setting(50, parse=int, metavar="MS", check=_non_negative,
+                                    help="longest wait to fill a batch")
+    max_record_bytes: int = setting(
+        1048576, parse=int, metavar="BYTES", check=_positive,
+        help="larger records are dead-lettered as too_large")
+    max_queue_depth: int = setting(
+        0, parse=int, metavar="N", check=_non_negative,
+        help="pause consuming while the Celery queue holds more than N (0: off); resume below 80%%")
+    metrics_addr: str = setting(
+        "127.0.0.1:9102", metavar="HOST:PORT", check=_host_port,
+        help='HTTP for /metrics, /healthz, /readyz; "" disables')
+    drain_timeout: float = setting(30.0, parse=float, metavar="SECONDS", check=_non_negative,
+                                   help="graceful stop budget")
+    worker_timeout: float = setting(
+        30.0, parse=float, metavar="SECONDS", check=_positive,
+        help="a worker whose loop has not beaten for this long is killed and replaced")
+    retry_max_backoff: float = setting(
+        30.0, parse=float, metavar="SECONDS", check=_positive,
+        help="cap of the exponential backoff while the Celery broker is unreachable")
+    kafka_property: tuple[str, ...] = setting(
+        (), short="-X", metavar="KEY=VALUE", repeatable=True, check=_kafka_property,
+        help="any librdkafka consumer property (repeatable)")
+    log_format: str = setting("text", choices=("text", "json"), help="log format")
+    log_level: str = setting(
+        "INFO", parse=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
+
+    @property
+    def dead_letter_topic(self) -> str:
+        """The dead-letter topic, or "" when dead-lettering is disabled."""
+        return f"{self.topic[0]}.dlq" if self.dlq_topic is None else self.dlq_topic
+
+    @property
+    def kafka_properties(self) -> dict[str, str]:
+        return dict(p.split("=", 1) for p in self.kafka_property)
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return urlsplit(self.broker_url).scheme in ("redis", "rediss")
+
+
+SETTINGS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Config)
+SECRET_KEY = re.compile(r"(password|secret)$", re.IGNORECASE)
+REDACTED = "***"
+
+
+def spec_of(f: dataclasses.Field[Any]) -> Spec:
+    spec: Spec = f.metadata["spec"]
+    return spec
+
+
+def flag_of(f: dataclasses.Field[Any]) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def env_of(f: dataclasses.Field[Any]) -> str:
+    return "INGESTD_" + f.name.upper()
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+# --- redaction -------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{netloc[-1]}"))
+
+
+def redact_property(prop: str) -> str:
+    key, _, value = prop.partition("=")
+    return f"{key}={REDACTED}" if SECRET_KEY.search(key.strip()) else prop
+
+
+def redact(text: str) -> str:
+    """Hide passwords in any URL inside ``text``."""
+    return re.sub(r"(\w+://[^/\s:@]*:)[^@\s/]*@", rf"\g<1>{REDACTED}@", text)
+
+
+def shown(name: str, value: Any) -> Any:
+    """A setting's value as it may appear in logs and ``--check`` output."""
+    if name == "broker_url":
+        return redact_url(value)
+    if name == "kafka_property":
+        return tuple(redact_property(p) for p in value)
+    return value
+
+
+# --- loading -----------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Exits 2 with one line, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ingestd", description="Move signals from Kafka into Celery.",
+                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below")
+    p.add_argument("--check", action="store_true",
+                   help="validate, reach Kafka and the Celery broker, print the effective "
+                        "configuration, exit 0/1")
+    for f in SETTINGS:
+        spec = spec_of(f)
+        names = [spec.short, flag_of(f)] if spec.short else [flag_of(f)]
+        default = spec.default_doc or default_of(f)
+        p.add_argument(*names, dest=f.name, metavar=spec.metavar,
+                       action="append" if spec.repeatable else "store",
+                       choices=spec.choices or None,
+                       help=f"{spec.help} (env {env_of(f)}; default: {default!r})")
+    return p
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
+    spec = spec_of(f)
+    where = f"{flag_of(f)[2:]} (from {origin})"
+    if spec.repeatable:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
+        items = [i.strip() if isinstance(raw, str) else i for i in items]
+        items = [i for i in items if i != ""]
+        if not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
+        value: Any = tuple(items)
+        shown_value = tuple(shown(f.name, value))
+        if spec.check:
+            for item, item_shown in zip(value, shown_value, strict=True):
+                expected = spec.check(item)
+                if expected:
+                    raise ConfigError(f"{where}: bad value {item_shown!r}, expected {expected}")
+        return value
+    if isinstance(raw, str):
+        try:
+            value = spec.parse(raw)
+        except ValueError:
+            kind = getattr(spec.parse, "__name__", "value")
+            raise ConfigError(f"{where}: bad value {raw!r}, expected {_kinds.get(kind, kind)}")
+    else:
+        want = type(default_of(f)) if default_of(f) is not None else str
+        if want is float and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = float(raw)
+        if not isinstance(raw, want) or isinstance(raw, bool) is not (want is bool):
+            raise ConfigError(f"{where}: bad value {raw!r}, expected {_kinds.get(want.__name__)}")
+        value = raw
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"{where}: bad value {value!r}, expected one of {', '.join(spec.choices)}")
+    if spec.check:
+        expected = spec.check(value)
+        if expected:
+            raise ConfigError(f"{where}: bad value {shown(f.name, value)!r}, expected {expected}")
+    return value
+
+
+_kinds = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true/false",
+          "upper": "a string"}
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path}: TOML syntax error: {exc}") from None
+    known = {f.name for f in SETTINGS}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config: {path}: unknown key {key!r}")
+        out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The effective configuration and where each value came from."""
+
+    config: Config
+    sources: Mapping[str, str]
+    check: bool = False
+    config_file: str | None = None
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Loaded:
+    """Parse the command line, environment and TOML file into a :class:`Config`."""
+    env = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else list(argv)))
+    config_file = args.pop("config", None) or env.get("INGESTD_CONFIG") or None
+    check = bool(args.pop("check", False))
+    file_values = read_toml(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in SETTINGS:
+        spec = spec_of(f)
+        if f.name in args:
+            values[f.name] = _coerce(f, args[f.name], "flag")
+            sources[f.name] = "flag"
+        elif env_of(f) in env:
+            values[f.name] = _coerce(f, env[env_of(f)], env_of(f))
+            sources[f.name] = "env"
+        elif f.name in file_values:
+            values[f.name] = _coerce(f, file_values[f.name], str(config_file))
+            sources[f.name] = "file"
+        elif spec.legacy_env and spec.legacy_env in env:
+            values[f.name] = _coerce(f, env[spec.legacy_env], spec.legacy_env)
+            sources[f.name] = "env"
+        else:
+            sources[f.name] = "default"
+    config = Config(**values)
+    if not config.topic:
+        raise ConfigError("topic: expected at least one topic")
+    return Loaded(config, sources, check, config_file)
+
+
+def describe(loaded: Loaded) -> list[str]:
+    """The effective configuration, one ``name = value  (source)`` line per setting."""
+    width = max(len(f.name) for f in SETTINGS)
+    return [f"{f.name:<{width}} = {shown(f.name, getattr(loaded.config, f.name))!r}  "
+            f"({loaded.sources[f.name]})" for f in SETTINGS]
+
+
+def summary(config: Config) -> str:
+    """One line for the startup log, secrets redacted."""
+    return " ".join(f"{f.name}={shown(f.name, getattr(config, f.name))!r}" for f in SETTINGS)
+
+
+def options_table() -> str:
+    """The README's option table, generated from the declarations."""
+    rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
+    for f in SETTINGS:
+        spec = spec_of(f)
+        flag = f"`{spec.short} {spec.metavar}`, " if spec.short else ""
+        arg = f" {spec.metavar}" if spec.metavar else (" " + "\\|".join(spec.choices))
+        default = spec.default_doc or default_of(f)
+        rows.append(f"| {flag}`{flag_of(f)}{arg}` | `{env_of(f)}` | `{default!r}` | "
+                    f"{spec.help.replace('%%', '%')} |")
+    return "\n".join(rows)

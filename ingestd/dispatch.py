@@ -1,0 +1,205 @@
+"""Publish a batch of Celery task messages to the broker in one round trip.
+
+Redis: one multi-value LPUSH of kombu's JSON envelopes (atomic: all or none).
+AMQP: every message published on a confirm-mode channel, then one wait for the
+broker's acks covering the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from celery import Celery
+from kombu import Connection
+
+from ingestd import codec
+from ingestd.config import Config, redact
+from ingestd.errors import DispatchError
+
+CONNECT_TIMEOUT = 5.0
+CONFIRM_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task to send: its id, the records' bytes and their decoded objects."""
+
+    task_id: str
+    topic: str
+    raws: list[bytes]
+    objs: list[Any]
+
+
+class Dispatcher(Protocol):
+    def publish(self, tasks: Sequence[Task]) -> None:
+        """Return once the broker accepted every task; raise DispatchError otherwise."""
+
+    def queue_depth(self) -> int: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def celery_app(config: Config) -> Celery:
+    """A Celery app used only for its message machinery; it sends nothing itself."""
+    app = Celery("ingestd", broker=config.broker_url, set_as_current=False)
+    app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False,
+                    broker_connection_timeout=CONNECT_TIMEOUT)
+    return app
+
+
+def create(config: Config) -> Dispatcher:
+    app = celery_app(config)
+    task = config.batch_task if config.dispatch == "batch" else config.task
+    captured = codec.capture(app, task, config.queue)
+    batch = config.dispatch == "batch"
+    if config.broker_is_redis:
+        return RedisDispatcher(app, config.queue, captured, batch)
+    return AmqpDispatcher(app, config.queue, captured, batch)
+
+
+def _args(task: Task, batch: bool) -> list[Any]:
+    return [task.objs] if batch else task.objs
+
+
+def _error(action: str, exc: BaseException) -> DispatchError:
+    return DispatchError(f"{action}: {redact(str(exc)) or type(exc).__name__}")
+
+
+class _Base:
+    def __init__(self, app: Celery, queue: str, captured: codec.Captured, batch: bool) -> None:
+        self.app = app
+        self.queue_name = queue
+        self.captured = captured
+        self.builder = codec.MessageBuilder(captured)
+        self.batch = batch
+        self.conn: Connection | None = None
+        self._declared = False
+
+    def _connection(self) -> Connection:
+        if self.conn is None:
+            self.conn = self.app.connection_for_write()
+            self.conn.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT)
+        return self.conn
+
+    def _declare(self) -> Any:
+        """Declare the queue as ``send_task`` does (Celery's own queue definition)."""
+        channel = self._connection().default_channel
+        if not self._declared:
+            self.app.amqp.queues[self.queue_name](channel).declare()
+            self._declared = True
+        return channel
+
+    def _reset(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.release()
+            except Exception:
+                pass
+        self.conn = None
+        self._declared = False
+
+    def close(self) -> None:
+        self._reset()
+
+    def ping(self) -> None:
+        try:
+            self._declare()
+        except Exception as exc:
+            self._reset()
+            raise _error("broker unreachable", exc) from exc
+
+
+class RedisDispatcher(_Base):
+    def __init__(self, app: Celery, queue: str, captured: codec.Captured, batch: bool) -> None:
+        super().__init__(app, queue, captured, batch)
+        if captured.exchange:
+            raise DispatchError(f"queue {queue!r} routes through exchange {captured.exchange!r}; "
+                                "ingestd publishes to direct queues only")
+        self.key = captured.routing_key
+        self.envelopes = codec.RedisEnvelopes(self.builder)
+
+    def encode(self, tasks: Sequence[Task]) -> list[bytes]:
+        tags = codec.delivery_tags(len(tasks))
+        enc = self.envelopes.encode
+        batch = self.batch
+        return [enc(t.task_id, t.raws, _args(t, batch), batch, tag)
+                for t, tag in zip(tasks, tags, strict=True)]
+
+    def publish(self, tasks: Sequence[Task]) -> None:
+        if not tasks:
+            return
+        messages = self.encode(tasks)
+        try:
+            self._declare().client.lpush(self.key, *messages)
+        except Exception as exc:
+            self._reset()
+            raise _error("redis LPUSH failed", exc) from exc
+
+    def queue_depth(self) -> int:
+        try:
+            return int(self._declare().client.llen(self.key))
+        except Exception as exc:
+            self._reset()
+            raise _error("redis LLEN failed", exc) from exc
+
+
+class AmqpDispatcher(_Base):
+    def __init__(self, app: Celery, queue: str, captured: codec.Captured, batch: bool) -> None:
+        super().__init__(app, queue, captured, batch)
+        self._acked = 0
+        self._nacked = 0
+        self._published = 0
+
+    def _channel(self) -> Any:
+        fresh = not self._declared
+        channel = self._declare()
+        if fresh:
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            self._acked = self._nacked = self._published = 0
+        return channel
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._acked = tag if multiple else max(self._acked, tag)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._nacked += 1
+        self._acked = max(self._acked, tag)
+
+    def publish(self, tasks: Sequence[Task]) -> None:
+        if not tasks:
+            return
+        c = self.captured
+        try:
+            channel = self._channel()
+            nacked_before = self._nacked
+            for t in tasks:
+                body = self.builder.body(t.raws, self.batch)
+                message = channel.prepare_message(
+                    body, 0, c.content_type, c.content_encoding,
+                    self.builder.headers(t.task_id, _args(t, self.batch), self.batch),
+                    self.builder.properties(t.task_id))
+                channel.basic_publish(message, exchange=c.exchange, routing_key=c.routing_key)
+            self._published += len(tasks)
+            conn = self._connection()
+            while self._acked < self._published:
+                conn.drain_events(timeout=CONFIRM_TIMEOUT)
+        except Exception as exc:
+            self._reset()
+            raise _error("amqp publish failed", exc) from exc
+        if self._nacked != nacked_before:
+            raise DispatchError("amqp broker refused (nack) part of the batch")
+
+    def queue_depth(self) -> int:
+        try:
+            channel = self._channel()
+            _, count, _ = channel.queue_declare(queue=self.queue_name, passive=True)
+            return int(count)
+        except Exception as exc:
+            self._reset()
+            raise _error("amqp queue depth failed", exc) from exc

@@ -1,0 +1,48 @@
+"""Worker heartbeats: an unlinked temp file per worker, beaten from the work loop.
+
+The worker sets the file's mtime to its monotonic clock (as gunicorn does), so
+the supervisor sees a stuck loop, not just a dead process. The file's content
+is the worker's last status line (``assigned``, ``broker unreachable: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+BEAT_INTERVAL = 0.5
+
+
+class Heartbeat:
+    """Created by the supervisor before fork; the worker beats, the supervisor reads."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        fd, path = tempfile.mkstemp(prefix="ingestd-beat-", dir=directory)
+        os.unlink(path)
+        self.fd = fd
+        self._last = 0.0
+        self._status = ""
+        self.beat("starting")
+
+    def beat(self, status: str) -> None:
+        now = time.monotonic()
+        if status != self._status:
+            data = status.encode()[:512]
+            os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
+            self._status = status
+        elif now - self._last < BEAT_INTERVAL:
+            return
+        os.utime(self.fd, (now, now))
+        self._last = now
+
+    def age(self) -> float:
+        """Seconds since the last beat, on the monotonic clock."""
+        return time.monotonic() - os.fstat(self.fd).st_mtime
+
+    def status(self) -> str:
+        return os.pread(self.fd, 512, 0).decode(errors="replace")
+
+    def close(self) -> None:
+        os.close(self.fd)

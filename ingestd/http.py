@@ -1,0 +1,54 @@
+"""The supervisor's HTTP endpoints: /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from ingestd import logs
+
+log = logs.get("http")
+
+
+def serve(addr: str, alive: Callable[[], bool],
+          readiness: Callable[[], tuple[bool, dict[str, str]]]) -> ThreadingHTTPServer:
+    """Start the server on a daemon thread and return it."""
+    host, _, port = addr.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                registry = CollectorRegistry()  # fresh per scrape, as multiprocess mode wants
+                MultiProcessCollector(registry)
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = alive()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"supervisor loop stalled\n")
+            elif path == "/readyz":
+                ok, problems = readiness()
+                body = orjson.dumps({"ready": ok, "workers": problems})
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log.info("serving /metrics /healthz /readyz on %s", addr)
+    return server

@@ -1,0 +1,73 @@
+"""librdkafka settings and small helpers around confluent-kafka."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+
+from ingestd.config import Config
+from ingestd.errors import ConfigError
+
+# Properties the dead-letter producer shares with the consumer: how to reach
+# and authenticate to the cluster, nothing about fetching.
+_SHARED_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "broker.", "client.", "client.rack",
+                    "api.version", "reconnect.", "metadata.", "topic.metadata.", "log.")
+
+
+def consumer_config(config: Config, slot: int) -> dict[str, Any]:
+    """The consumer's settings: throughput defaults, then every ``-X`` override."""
+    props: dict[str, Any] = {
+        "bootstrap.servers": config.bootstrap_servers,
+        "group.id": config.group_id,
+        # At-least-once: librdkafka commits in the background, but only offsets
+        # the worker stored after the broker accepted the records.
+        "enable.auto.commit": True,
+        "enable.auto.offset.store": False,
+        "auto.commit.interval.ms": 1000,
+        # A new group starts at the beginning: skipping records would lose them.
+        "auto.offset.reset": "earliest",
+        # A restarted worker gets its own partitions back without moving others'.
+        "partition.assignment.strategy": "cooperative-sticky",
+        # Bounded prefetch: memory stays flat however large the lag is
+        # (librdkafka's default is 64 MiB per consumer).
+        "queued.max.messages.kbytes": 32768,
+        "queued.min.messages": 20000,
+        # Large fetches amortise round trips when there is lag.
+        "fetch.min.bytes": 1,
+        "fetch.wait.max.ms": 100,
+        # Consumer lag for the metrics comes from librdkafka's statistics.
+        "statistics.interval.ms": 5000,
+        "client.id": f"ingestd-{config.instance_id}-{slot}",
+    }
+    if config.assignment == "group":
+        props["group.instance.id"] = f"{config.instance_id}-{slot}"
+    props.update(config.kafka_properties)
+    return props
+
+
+def producer_config(config: Config) -> dict[str, Any]:
+    """The dead-letter producer: durable, idempotent, sharing the consumer's security."""
+    props: dict[str, Any] = {
+        "bootstrap.servers": config.bootstrap_servers,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 5,
+    }
+    props.update({k: v for k, v in config.kafka_properties.items()
+                  if k.startswith(_SHARED_PREFIXES)})
+    return props
+
+
+def check_properties(props: dict[str, Any], kind: str) -> None:
+    """Reject unknown or malformed properties at start, with librdkafka's own message."""
+    from confluent_kafka import Consumer, Producer
+
+    cls = Consumer if kind == "consumer" else Producer
+    try:
+        client = cls({**props, "bootstrap.servers": props.get("bootstrap.servers", "localhost")})
+    except (KafkaException, ValueError, TypeError) as exc:
+        msg = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
+        raise ConfigError(f"kafka-property: {msg}") from None
+    if kind == "consumer":
+        client.close()

@@ -1,0 +1,34 @@
+"""Prometheus metrics (prefix ``ingestd_``), shared by all processes in multiprocess mode.
+
+``PROMETHEUS_MULTIPROC_DIR`` must be set before this module is imported: the
+supervisor sets it (and wipes the folder) before the first fork.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+consumed = Counter("ingestd_messages_consumed_total", "Records consumed from Kafka", ["topic"])
+dispatched = Counter("ingestd_messages_dispatched_total",
+                     "Signals accepted by the Celery broker", ["topic", "task"])
+invalid = Counter("ingestd_messages_invalid_total", "Invalid records", ["topic", "reason"])
+dlq_produced = Counter("ingestd_dlq_produced_total", "Records delivered to the dead-letter topic",
+                       ["topic"])
+batch_size = Histogram("ingestd_batch_size", "Records per consumed batch",
+                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
+dispatch_seconds = Histogram("ingestd_dispatch_seconds", "Time to publish one batch",
+                             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                      0.25, 0.5, 1, 2.5, 5))
+commit_failures = Counter("ingestd_commit_failures_total", "Offset commits that failed")
+consumer_lag = Gauge("ingestd_consumer_lag", "Records behind the partition's high watermark",
+                     ["topic", "partition"], multiprocess_mode="livemax")
+end_to_end_latency = Histogram(
+    "ingestd_end_to_end_latency_seconds",
+    "Kafka record timestamp to publish, for the oldest record of each batch",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+backpressure_paused = Gauge("ingestd_backpressure_paused",
+                            "1 while a worker is paused because the Celery queue is full",
+                            multiprocess_mode="livesum")
+workers_alive = Gauge("ingestd_workers_alive", "Worker processes alive",
+                      multiprocess_mode="livemax")
+worker_restarts = Counter("ingestd_worker_restarts_total", "Workers replaced after they died")

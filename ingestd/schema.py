@@ -1,0 +1,78 @@
+"""Decode and validate one record: orjson decodes, msgspec validates.
+
+Validation never rewrites the record: the caller forwards the original bytes,
+and the decoded object is used only to validate and to build ``argsrepr``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+import orjson
+
+from ingestd.errors import ConfigError, RecordError
+
+DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE = "decode", "not_object", "schema", "too_large"
+REASONS = (DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE)
+DETAIL_MAX = 1024
+
+
+class Signal(msgspec.Struct):
+    """The default ``signal`` schema; other fields are allowed and kept."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    value: float
+    source: str
+    timestamp: float | Annotated[datetime, msgspec.Meta(tz=True)]
+    id: str | None = None
+    tags: dict[str, str] | None = None
+
+
+def load_struct(schema: str) -> type[msgspec.Struct] | None:
+    """The Struct a ``--schema`` value names; None for ``object``."""
+    if schema == "object":
+        return None
+    if schema == "signal":
+        return Signal
+    module_name, _, attr = schema.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"schema: cannot import {schema!r}: {exc}") from None
+    if not (isinstance(obj, type) and issubclass(obj, msgspec.Struct)):
+        raise ConfigError(f"schema: {schema!r} is not a msgspec.Struct subclass")
+    return obj
+
+
+class Validator:
+    """Built once per worker; :meth:`check` is called for every record."""
+
+    def __init__(self, schema: str, max_record_bytes: int) -> None:
+        self.struct = load_struct(schema)
+        self.finite_value = self.struct is Signal
+        self.max_record_bytes = max_record_bytes
+
+    def check(self, raw: bytes | None) -> dict[str, Any]:
+        """The decoded JSON object, or :class:`RecordError` naming the category."""
+        if not raw:
+            raise RecordError(DECODE, "empty value" if raw is not None else "null value (tombstone)")
+        if len(raw) > self.max_record_bytes:
+            raise RecordError(TOO_LARGE, f"{len(raw)} bytes > {self.max_record_bytes}")
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise RecordError(DECODE, str(exc)[:DETAIL_MAX]) from None
+        if type(obj) is not dict:
+            raise RecordError(NOT_OBJECT, f"top-level JSON {type(obj).__name__}, expected object")
+        if self.struct is not None:
+            try:
+                msgspec.convert(obj, self.struct)
+            except msgspec.ValidationError as exc:
+                raise RecordError(SCHEMA, str(exc)[:DETAIL_MAX]) from None
+            if self.finite_value and not math.isfinite(obj["value"]):
+                raise RecordError(SCHEMA, "Expected a finite number - at `$.value`")
+        return obj

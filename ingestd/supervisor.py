@@ -1,0 +1,328 @@
+"""The supervisor: forks N workers and keeps them alive, stops them cleanly.
+
+One loop, as in gunicorn's arbiter: handle queued signals → reap children →
+check heartbeats → bring the worker count back to N. Signal handlers only
+enqueue. The supervisor imports neither confluent_kafka nor celery: a worker
+builds its clients after fork.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ingestd import logs
+from ingestd.config import Config, Loaded, summary
+from ingestd.errors import ExitCode, IngestdError
+from ingestd.heartbeat import Heartbeat
+
+log = logs.get("supervisor")
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+           signal.SIGTTOU, signal.SIGCHLD)
+LOOP_INTERVAL = 0.5
+MAX_RESTART_BACKOFF = 30.0
+BOOT_FAILURES_LIMIT = 5  # a slot that dies this often in a row without ever beating stops ingestd
+
+
+@dataclass
+class WorkerHandle:
+    slot: int
+    pid: int
+    heartbeat: Heartbeat
+    started: float = field(default_factory=time.monotonic)
+    stopping_since: float | None = None
+    kill_sent: bool = False
+
+
+class Supervisor:
+    def __init__(self, loaded: Loaded, reload: Callable[[], Loaded]) -> None:
+        self.loaded = loaded
+        self.config: Config = loaded.config
+        self.reload_config = reload
+        self.workers: dict[int, WorkerHandle] = {}  # slot -> handle
+        self.target = self.config.workers
+        self.signals: list[int] = []
+        self.failures: dict[int, int] = {}  # slot -> failures in a row
+        self.next_spawn: dict[int, float] = {}
+        self.exit_code: int | None = None
+        self.draining_until: float | None = None
+        self.last_loop = time.monotonic()
+        self.restarts = 0
+        self._pipe_r, self._pipe_w = os.pipe()
+        os.set_blocking(self._pipe_r, False)
+        os.set_blocking(self._pipe_w, False)
+
+    # --- signals ----------------------------------------------------------
+
+    def _enqueue(self, signum: int, _frame: object) -> None:
+        if len(self.signals) < 16:
+            self.signals.append(signum)
+        try:
+            os.write(self._pipe_w, b".")
+        except BlockingIOError:
+            pass
+
+    def install_signals(self) -> None:
+        for sig in HANDLED:
+            signal.signal(sig, self._enqueue)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
+    def handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.draining_until is not None and signum == signal.SIGINT:
+                log.warning("second INT: stopping at once")
+                self.stop_now()
+                return
+            self.drain()
+        elif signum == signal.SIGQUIT:
+            log.warning("QUIT: stopping at once")
+            self.stop_now()
+        elif signum == signal.SIGHUP:
+            self.reload()
+        elif signum == signal.SIGTTIN:
+            self.target += 1
+            log.info("TTIN: workers now %d", self.target)
+        elif signum == signal.SIGTTOU:
+            self.target = max(1, self.target - 1)
+            log.info("TTOU: workers now %d", self.target)
+
+    # --- lifecycle --------------------------------------------------------
+
+    def run(self) -> int:
+        log.info("starting %d workers: %s", self.target, summary(self.config))
+        self.install_signals()
+        while self.exit_code is None:
+            self.last_loop = time.monotonic()
+            while self.signals:
+                self.handle_signal(self.signals.pop(0))
+            self.reap()
+            if self.draining_until is not None:
+                self.check_drain()
+                if self.exit_code is not None:
+                    break
+            else:
+                self.check_heartbeats()
+                self.reconcile()
+            self.sleep()
+        return self.exit_code
+
+    def sleep(self) -> None:
+        try:
+            ready, _, _ = select.select([self._pipe_r], [], [], LOOP_INTERVAL)
+            if ready:
+                while os.read(self._pipe_r, 64):
+                    pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def spawn(self, slot: int) -> None:
+        heartbeat = Heartbeat()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = ExitCode.RUNTIME
+            try:
+                for sig in HANDLED:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+                code = run_worker(self.config, slot, heartbeat)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.workers[slot] = WorkerHandle(slot, pid, heartbeat)
+        log.info("worker %d started (pid %d)", slot, pid)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = next((h for h in self.workers.values() if h.pid == pid), None)
+            if handle is None:
+                continue
+            del self.workers[handle.slot]
+            code = os.waitstatus_to_exitcode(status)
+            never_beat = handle.heartbeat.status() == "starting"
+            handle.heartbeat.close()
+            _mark_dead(pid)
+            if handle.stopping_since is not None or self.draining_until is not None:
+                log.info("worker %d (pid %d) exited with %d", handle.slot, pid, code)
+                continue
+            if code == ExitCode.BOOT or code == ExitCode.CONFIG:
+                log.error("worker %d could not boot (exit %d); stopping", handle.slot, code)
+                self.stop_now(ExitCode.BOOT)
+                return
+            self.failures[handle.slot] = self.failures.get(handle.slot, 0) + 1 if never_beat else 1
+            if self.failures[handle.slot] >= BOOT_FAILURES_LIMIT:
+                log.error("worker %d died %d times in a row before it ran; stopping",
+                          handle.slot, self.failures[handle.slot])
+                self.stop_now(ExitCode.BOOT)
+                return
+            delay = min(MAX_RESTART_BACKOFF, 0.5 * 2 ** (self.failures[handle.slot] - 1))
+            self.next_spawn[handle.slot] = time.monotonic() + delay
+            self.restarts += 1
+            _count_restart()
+            log.warning("worker %d (pid %d) died (%s); restarting in %.1fs", handle.slot, pid,
+                        _describe_exit(code), delay)
+
+    def check_heartbeats(self) -> None:
+        for handle in list(self.workers.values()):
+            if handle.stopping_since is not None:
+                if time.monotonic() - handle.stopping_since > self.config.drain_timeout:
+                    _kill(handle.pid, signal.SIGKILL)
+                continue
+            if handle.heartbeat.age() > self.config.worker_timeout:
+                log.error("worker %d (pid %d) stuck for %.0fs: killing", handle.slot,
+                          handle.pid, handle.heartbeat.age())
+                _kill(handle.pid, signal.SIGABRT)
+                handle.stopping_since = time.monotonic() - self.config.drain_timeout + 5
+                self.next_spawn[handle.slot] = 0.0
+
+    def reconcile(self) -> None:
+        now = time.monotonic()
+        for slot in range(self.target):
+            if slot not in self.workers and now >= self.next_spawn.get(slot, 0.0):
+                self.spawn(slot)
+        for slot, handle in list(self.workers.items()):
+            if slot >= self.target and handle.stopping_since is None:
+                log.info("stopping worker %d (pid %d)", slot, handle.pid)
+                handle.stopping_since = now
+                _kill(handle.pid, signal.SIGTERM)
+        _set_alive(len(self.workers))
+
+    def drain(self) -> None:
+        if self.draining_until is not None:
+            return
+        log.info("draining %d workers (up to %.0fs)", len(self.workers), self.config.drain_timeout)
+        self.draining_until = time.monotonic() + self.config.drain_timeout
+        self.clean = True
+        for handle in self.workers.values():
+            handle.stopping_since = time.monotonic()
+            _kill(handle.pid, signal.SIGTERM)
+
+    def check_drain(self) -> None:
+        assert self.draining_until is not None
+        if not self.workers:
+            log.info("stopped")
+            self.exit_code = ExitCode.OK
+        elif time.monotonic() > self.draining_until:
+            log.error("drain timeout: killing %d workers", len(self.workers))
+            self.stop_now(ExitCode.RUNTIME)
+
+    def stop_now(self, code: int = ExitCode.OK) -> None:
+        for handle in self.workers.values():
+            _kill(handle.pid, signal.SIGKILL)
+        for handle in list(self.workers.values()):
+            try:
+                os.waitpid(handle.pid, 0)
+            except ChildProcessError:
+                pass
+            _mark_dead(handle.pid)
+        self.workers.clear()
+        self.exit_code = code
+
+    def reload(self) -> None:
+        try:
+            loaded = self.reload_config()
+        except IngestdError as exc:
+            log.error("HUP: configuration not reloaded: %s", exc)
+            return
+        log.info("HUP: configuration reloaded; replacing workers one at a time")
+        self.loaded, self.config = loaded, loaded.config
+        self.target = self.config.workers
+        for slot in sorted(self.workers):
+            handle = self.workers.get(slot)
+            if handle is None:
+                continue
+            handle.stopping_since = time.monotonic()
+            _kill(handle.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.config.drain_timeout
+            while slot in self.workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+                self.reap()
+            if slot in self.workers:
+                _kill(handle.pid, signal.SIGKILL)
+                os.waitpid(handle.pid, 0)
+                self.workers.pop(slot, None)
+                _mark_dead(handle.pid)
+            self.spawn(slot)
+
+    # --- read by the HTTP server ------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready when every worker is alive, beating and assigned with a reachable broker."""
+        problems: dict[str, str] = {}
+        for slot in range(self.target):
+            handle = self.workers.get(slot)
+            if handle is None:
+                problems[str(slot)] = "not running"
+                continue
+            status = handle.heartbeat.status()
+            if handle.heartbeat.age() > self.config.worker_timeout:
+                problems[str(slot)] = f"no heartbeat for {handle.heartbeat.age():.0f}s"
+            elif status not in ("running", "assigned"):
+                problems[str(slot)] = status
+        return not problems and self.draining_until is None, problems
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.last_loop < 10 * LOOP_INTERVAL + 5
+
+
+def run_worker(config: Config, slot: int, heartbeat: Heartbeat) -> int:
+    """The worker process's main; returns its exit code."""
+    logs.configure(config.log_format, config.log_level, role="worker", slot=slot)
+    from ingestd.worker import Worker  # imported after fork: librdkafka is not fork-safe
+
+    try:
+        worker = Worker(config, slot, heartbeat.beat)
+    except IngestdError as exc:
+        log.error("%s", exc)
+        return ExitCode.BOOT if exc.exit_code != ExitCode.RUNTIME else ExitCode.RUNTIME
+    try:
+        worker.run()
+    except IngestdError as exc:
+        log.error("%s", exc)
+        return int(exc.exit_code)
+    return ExitCode.OK
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _describe_exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _mark_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def _count_restart() -> None:
+    from ingestd import metrics
+
+    metrics.worker_restarts.inc()
+
+
+def _set_alive(n: int) -> None:
+    from ingestd import metrics
+
+    metrics.workers_alive.set(n)
