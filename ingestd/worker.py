@@ -3,7 +3,7 @@
 The loop reads top to bottom: consume → decode/validate → build messages →
 publish → store offsets. An offset is stored only after every record at or
 below it was accepted by the Celery broker or delivered to the dead-letter
-topic; librdkafka's auto-commit then commits what was stored.
+topic, and each batch's stored offsets are committed before the next batch.
 """
 
 from __future__ import annotations
@@ -159,7 +159,12 @@ class Worker:
         return True
 
     def store(self, batch: Batch) -> None:
-        """Store the next offset of every partition in the batch; auto-commit commits it."""
+        """Store the next offset of every partition in the batch, then commit them.
+
+        The synchronous commit is what bounds a crash's repeats to the in-flight
+        batch; auto-commit alone would repeat up to ``auto.commit.interval.ms``
+        of records.
+        """
         offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
         if not offsets:
             return
@@ -169,6 +174,15 @@ class Worker:
             # A partition revoked while the batch was in flight: its new owner
             # repeats these records, so there is nothing to store here.
             log.info("offsets not stored (%s)", exc.args[0].str())
+        self.commit("commit")
+
+    def commit(self, when: str) -> None:
+        try:
+            self.consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                self.metrics.commit_failures.inc()
+                self.kafka_log.warning("%s failed: %s", when, exc.args[0].str())
 
     # --- helpers ----------------------------------------------------------
 
@@ -246,12 +260,7 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", _names(partitions))
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                self.metrics.commit_failures.inc()
-                log.warning("commit on revoke failed: %s", exc.args[0].str())
+        self.commit("commit on revoke")
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -285,14 +294,7 @@ class Worker:
 
     def close(self) -> None:
         """Commit what was stored and leave the group."""
-        try:
-            self.consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                self.metrics.commit_failures.inc()
-                log.warning("final commit failed: %s", exc.args[0].str())
-        except RuntimeError:
-            pass
+        self.commit("final commit")
         self.consumer.close()
         if self.dlq is not None:
             self.dlq.close()

@@ -1,0 +1,236 @@
+"""The worker end to end: real Kafka, real Redis, a real ``celery worker``."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from ingestd import reference_tasks
+from tests import stack
+
+INVALID = {
+    b"\xff\xfe not utf-8": "decode",
+    b'{"name": "x", "value": 1,': "decode",
+    b"": "decode",
+    b'{"name":"n","value":NaN,"source":"s","timestamp":1}': "decode",
+    b"[" * 10_000 + b"]" * 10_000: "decode",
+    b'[{"name": "n"}]': "not_object",
+    b'"just a string"': "not_object",
+    b"null": "not_object",
+    b'{"name": "", "value": 1, "source": "s", "timestamp": 1}': "schema",
+    b'{"name": "n", "value": true, "source": "s", "timestamp": 1}': "schema",
+    b'{"name": "n", "value": 1, "source": "s"}': "schema",
+    b'{"name": "n", "value": 1, "source": "s", "timestamp": 1, "pad": "' + b"x" * 40_000 + b'"}':
+        "too_large",
+}
+
+
+def group() -> str:
+    return f"g-{uuid.uuid4().hex[:10]}"
+
+
+def wait_queue(broker_url: str, n: int, timeout: float = 90) -> int:
+    client = redis.Redis.from_url(broker_url)
+    assert stack.wait_until(lambda: client.llen("celery") >= n, timeout), client.llen("celery")
+    return int(client.llen("celery"))
+
+
+def test_valid_records_become_one_task_each_and_run(topic_factory: Callable[..., str],
+                                                    broker_url: str) -> None:
+    topic = topic_factory(partitions=4)
+    n = 3000
+    records = [stack.signal_record(i, extra_field={"kept": [1, 2]}) for i in range(n)]
+    stack.produce(topic, records, keys=(str(i).encode() for i in range(n)))
+    g = group()
+    with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url)) as ingestd:
+        wait_queue(broker_url, n)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()
+    tasks = stack.queued_tasks(broker_url)
+    assert len(tasks) == n
+    by_id = {t["id"]: t for t in tasks}
+    assert len(by_id) == n
+    produced = {orjson.loads(r)["timestamp"]: orjson.loads(r) for r in records}
+    for task_id, task in by_id.items():
+        t, partition, offset = task_id.rsplit("-", 2)
+        assert t == topic and int(offset) >= 0 and 0 <= int(partition) < 4
+        assert task["task"] == "ingest_and_score_signal"
+        assert task["kwargs"] == {}
+        (signal_obj,) = task["args"]
+        assert signal_obj == produced[signal_obj["timestamp"]]  # unknown fields kept
+    assert stack.committed_offsets(g, topic, 4) == stack.end_offsets(topic, 4)
+
+    with stack.celery_worker(broker_url):
+        results = redis.Redis.from_url(broker_url)
+        assert stack.wait_until(lambda: results.hlen(reference_tasks.SCORES_KEY) >= n, 120)
+    assert {k.decode() for k in results.hkeys(reference_tasks.SCORES_KEY)} == set(by_id)
+    assert int(results.get(reference_tasks.EXECUTED_KEY) or 0) == n
+
+
+def test_invalid_records_are_dead_lettered_with_headers(topic_factory: Callable[..., str],
+                                                        broker_url: str) -> None:
+    topic = topic_factory(partitions=1)
+    topic_factory_dlq = f"{topic}.dlq"
+    values: list[bytes | None] = [stack.signal_record(0), *INVALID, None, stack.signal_record(1)]
+    stack.produce(topic, values, partition=0, keys=(f"k{i}".encode() for i in range(len(values))))
+    g = group()
+    with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, "--max-record-bytes", "30000")) \
+            as ingestd:
+        wait_queue(broker_url, 2)
+        letters = stack.consume_all(topic_factory_dlq, len(INVALID) + 1)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    try:
+        assert len(letters) == len(INVALID) + 1
+        expected = [*INVALID.items(), (None, "decode")]
+        for i, (msg, (value, reason)) in enumerate(zip(letters, expected, strict=True)):
+            headers = {k: v.decode() for k, v in msg.headers()}
+            assert msg.value() == value
+            assert msg.key() == f"k{i + 1}".encode()
+            assert headers["ingestd.error"] == reason, headers
+            assert 0 < len(headers["ingestd.error.detail"]) <= 1024
+            assert headers["ingestd.source.topic"] == topic
+            assert headers["ingestd.source.partition"] == "0"
+            assert headers["ingestd.source.offset"] == str(i + 1)
+            assert int(headers["ingestd.source.timestamp"]) > 0
+        assert sorted(t["id"] for t in stack.queued_tasks(broker_url)) == \
+            sorted([f"{topic}-0-0", f"{topic}-0-{len(values) - 1}"])
+        assert stack.committed_offsets(g, topic, 1) == {0: len(values)}
+    finally:
+        stack.delete_topic(topic_factory_dlq)
+
+
+def test_no_dead_letter_topic_counts_and_skips(topic_factory: Callable[..., str],
+                                               broker_url: str) -> None:
+    topic = topic_factory(partitions=1)
+    stack.produce(topic, [b"bad", stack.signal_record(1)], partition=0)
+    g = group()
+    with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, "--dlq-topic", "")) as ingestd:
+        wait_queue(broker_url, 1)
+        assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 1) == {0: 2}, 30)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    assert "invalid record" in ingestd.output()
+    assert "bad" not in ingestd.output().split("invalid record", 1)[1].split("\n", 1)[0][-5:]
+
+
+def test_batch_dispatch_sends_one_task_per_partition_slice(topic_factory: Callable[..., str],
+                                                           broker_url: str) -> None:
+    topic = topic_factory(partitions=2)
+    n = 500
+    stack.produce(topic, (stack.signal_record(i) for i in range(n)))
+    g = group()
+    with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, "--dispatch", "batch")) \
+            as ingestd:
+        client = redis.Redis.from_url(broker_url)
+        assert stack.wait_until(lambda: sum(len(t["args"][0]) for t in
+                                            stack.queued_tasks(broker_url)) >= n, 60)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    tasks = stack.queued_tasks(broker_url)
+    assert all(t["task"] == "ingest_and_score_signals" for t in tasks)
+    assert sum(len(t["args"][0]) for t in tasks) == n
+    for t in tasks:
+        _, partition, first, last = t["id"].rsplit("-", 3)
+        assert int(last) - int(first) + 1 == len(t["args"][0])
+    with stack.celery_worker(broker_url):
+        assert stack.wait_until(lambda: client.hlen(reference_tasks.SCORES_KEY) >= n, 60)
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing(topic_factory: Callable[..., str],
+                                                       broker_url: str) -> None:
+    topic = topic_factory(partitions=4)
+    n, batch = 60_000, 500
+    stack.produce(topic, (stack.signal_record(i) for i in range(n)))
+    g = group()
+    args = stack.ingestd_args(topic, g, broker_url, "--batch-size", str(batch))
+    with stack.Ingestd(*args) as ingestd:
+        client = redis.Redis.from_url(broker_url)
+        assert stack.wait_until(lambda: client.llen("celery") >= 5000, 60)
+        for pid in ingestd.worker_pids():
+            subprocess.run(["kill", "-9", str(pid)], check=True)
+        ingestd.signal(signal.SIGKILL)
+        ingestd.wait(10)
+    with stack.Ingestd(*args) as again:
+        ids = wait_ids(broker_url, topic, n)
+        again.signal(signal.SIGTERM)
+        assert again.wait(60) == 0
+    counts = collections.Counter(stack_ids(broker_url))
+    assert set(counts) == ids
+    duplicates = sum(c - 1 for c in counts.values())
+    assert duplicates <= batch, duplicates
+
+
+def stack_ids(broker_url: str) -> list[str]:
+    return [t["id"] for t in stack.queued_tasks(broker_url)]
+
+
+def wait_ids(broker_url: str, topic: str, n: int, timeout: float = 120) -> set[str]:
+    expected = {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, 4).items()
+                for o in range(end)}
+    assert len(expected) == n
+    assert stack.wait_until(lambda: set(stack_ids(broker_url)) >= expected, timeout, 0.5)
+    return expected
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> tuple[str, Callable[[], None], Callable[[], None]]:
+    """A Redis of this test's own that it can stop and start, keeping its data."""
+    port = 6390 + uuid.uuid4().int % 50
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "no", "--dir", str(tmp_path)]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        client = redis.Redis(port=port)
+        assert stack.wait_until(lambda: _pings(client), 10)
+
+    def stop() -> None:
+        redis.Redis(port=port).shutdown(save=True)  # data survives the restart
+        procs[-1].wait(10)
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", stop, start  # type: ignore[misc]
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_redis_outage_mid_stream_loses_nothing(
+        topic_factory: Callable[..., str],
+        private_redis: tuple[str, Callable[[], None], Callable[[], None]]) -> None:
+    url, stop_redis, start_redis = private_redis
+    topic = topic_factory(partitions=4)
+    n = 40_000
+    stack.produce(topic, (stack.signal_record(i) for i in range(n)))
+    g = group()
+    args = stack.ingestd_args(topic, g, url, "--batch-size", "200", "--retry-max-backoff", "1")
+    with stack.Ingestd(*args) as ingestd:
+        client = redis.Redis.from_url(url)
+        assert stack.wait_until(lambda: client.llen("celery") >= 2000, 60)
+        stop_redis()
+        time.sleep(4)
+        start_redis()
+        ids = wait_ids(url, topic, n)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    assert "retrying" in ingestd.output()
+    assert set(stack_ids(url)) == ids
+    assert stack.committed_offsets(g, topic, 4) == stack.end_offsets(topic, 4)
