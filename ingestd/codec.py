@@ -89,7 +89,7 @@ def argsrepr(args: list[Any], maxsize: int) -> str:
     if (len(text) < maxsize and text.isascii() and "\\" not in text and '"' not in text
             and _shallow(args)):
         return text
-    return saferepr(args, maxsize)
+    return str(saferepr(args, maxsize))
 
 
 def _shallow(args: list[Any]) -> bool:
@@ -141,7 +141,7 @@ class MessageBuilder:
     def headers(self, task_id: str, args: list[Any], batch: bool) -> dict[str, Any]:
         h = self._headers.copy()
         h["id"] = h["root_id"] = task_id
-        h["argsrepr"] = (saferepr(args, self.c.argsrepr_maxsize) if batch
+        h["argsrepr"] = (str(saferepr(args, self.c.argsrepr_maxsize)) if batch
                          else argsrepr(args, self.c.argsrepr_maxsize))
         return h
 

@@ -61,7 +61,7 @@ def _broker_url(v: str) -> str | None:
 def _host_port(v: str) -> str | None:
     if v == "":
         return None
-    host, sep, port = v.rpartition(":")
+    _, sep, port = v.rpartition(":")
     return None if sep and port.isdigit() else "HOST:PORT, or \"\" to disable"
 
 
@@ -114,7 +114,8 @@ class Config:
         lambda: socket.gethostname(), metavar="ID", default_doc="host name",
         help="static membership id prefix; each worker joins as <instance-id>-<slot>")
     partitions: str = setting(
-        "", metavar="LIST", help="static mode: partitions this host owns, e.g. 0-5,8 (all if empty)")
+        "", metavar="LIST",
+        help="static mode: partitions this host owns, e.g. 0-5,8 (all if empty)")
     broker_url: str = setting(
         "redis://localhost:6379/0", metavar="URL", legacy_env="CELERY_BROKER_URL",
         check=_broker_url, help="Celery broker (redis://, rediss://, amqp://)")
@@ -211,7 +212,7 @@ def redact_url(url: str) -> str:
 
 
 def redact_property(prop: str) -> str:
-    key, _, value = prop.partition("=")
+    key = prop.partition("=")[0]
     return f"{key}={REDACTED}" if SECRET_KEY.search(key.strip()) else prop
 
 
@@ -281,7 +282,8 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
             value = spec.parse(raw)
         except ValueError:
             kind = getattr(spec.parse, "__name__", "value")
-            raise ConfigError(f"{where}: bad value {raw!r}, expected {_kinds.get(kind, kind)}")
+            raise ConfigError(
+                f"{where}: bad value {raw!r}, expected {_kinds.get(kind, kind)}") from None
     else:
         want = type(default_of(f)) if default_of(f) is not None else str
         if want is float and isinstance(raw, int) and not isinstance(raw, bool):
@@ -290,7 +292,8 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
             raise ConfigError(f"{where}: bad value {raw!r}, expected {_kinds.get(want.__name__)}")
         value = raw
     if spec.choices and value not in spec.choices:
-        raise ConfigError(f"{where}: bad value {value!r}, expected one of {', '.join(spec.choices)}")
+        raise ConfigError(
+            f"{where}: bad value {value!r}, expected one of {', '.join(spec.choices)}")
     if spec.check:
         expected = spec.check(value)
         if expected:

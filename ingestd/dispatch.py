@@ -7,12 +7,13 @@ broker's acks covering the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery
-from kombu import Connection
+from kombu.connection import Connection
 
 from ingestd import codec
 from ingestd.config import Config, redact
@@ -95,10 +96,8 @@ class _Base:
 
     def _reset(self) -> None:
         if self.conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # already broken; nothing to add
                 self.conn.release()
-            except Exception:
-                pass
         self.conn = None
         self._declared = False
 

@@ -25,7 +25,7 @@ class DeadLetter:
     reason: str
     detail: str
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
         return [
             ("ingestd.error", self.reason.encode()),
             ("ingestd.error.detail", self.detail.encode()[:1024]),

@@ -59,7 +59,8 @@ class Validator:
     def check(self, raw: bytes | None) -> dict[str, Any]:
         """The decoded JSON object, or :class:`RecordError` naming the category."""
         if not raw:
-            raise RecordError(DECODE, "empty value" if raw is not None else "null value (tombstone)")
+            detail = "empty value" if raw is not None else "null value (tombstone)"
+            raise RecordError(DECODE, detail)
         if len(raw) > self.max_record_bytes:
             raise RecordError(TOO_LARGE, f"{len(raw)} bytes > {self.max_record_bytes}")
         try:

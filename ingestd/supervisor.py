@@ -8,6 +8,7 @@ builds its clients after fork.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -50,7 +51,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.failures: dict[int, int] = {}  # slot -> failures in a row
         self.next_spawn: dict[int, float] = {}
-        self.exit_code: int | None = None
+        self.exit_code: int | None = None  # set when the loop should end
         self.draining_until: float | None = None
         self.last_loop = time.monotonic()
         self.restarts = 0
@@ -63,10 +64,8 @@ class Supervisor:
     def _enqueue(self, signum: int, _frame: object) -> None:
         if len(self.signals) < 16:
             self.signals.append(signum)
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.write(self._pipe_w, b".")
-        except BlockingIOError:
-            pass
 
     def install_signals(self) -> None:
         for sig in HANDLED:
@@ -127,7 +126,7 @@ class Supervisor:
         heartbeat = Heartbeat()
         pid = os.fork()
         if pid == 0:  # the worker
-            code = ExitCode.RUNTIME
+            code: int = ExitCode.RUNTIME
             try:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
@@ -224,10 +223,8 @@ class Supervisor:
         for handle in self.workers.values():
             _kill(handle.pid, signal.SIGKILL)
         for handle in list(self.workers.values()):
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(handle.pid, 0)
-            except ChildProcessError:
-                pass
             _mark_dead(handle.pid)
         self.workers.clear()
         self.exit_code = code

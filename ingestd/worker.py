@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -54,7 +54,8 @@ class Worker:
         self.dispatcher = dispatch.create(config)
         self.task_name = config.batch_task if config.dispatch == "batch" else config.task
         dlq_topic = config.dead_letter_topic
-        self.dlq = DeadLetterProducer(dlq_topic, kafka.producer_config(config)) if dlq_topic else None
+        self.dlq = (DeadLetterProducer(dlq_topic, kafka.producer_config(config))
+                    if dlq_topic else None)
         self.invalid_log = logs.RateLimited(logs.get("invalid_record"))
         self.kafka_log = logs.RateLimited(logs.get("kafka"))
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
@@ -101,7 +102,9 @@ class Worker:
             if err is not None:
                 self._on_message_error(err)
                 continue
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            # Set on every message without an error.
+            topic, partition, offset = cast(tuple[str, int, int],
+                                            (msg.topic(), msg.partition(), msg.offset()))
             raw = msg.value()
             batch.offsets[(topic, partition)] = offset + 1
             batch.consumed[topic] = batch.consumed.get(topic, 0) + 1
@@ -219,7 +222,8 @@ class Worker:
                 # Paused partitions deliver nothing; should one slip through,
                 # rewind so it is consumed again after the resume.
                 if msg.error() is None:
-                    self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                    self.consumer.seek(TopicPartition(*cast(tuple[str, int, int], (
+                        msg.topic(), msg.partition(), msg.offset()))))
             self._check_fatal()
         return not self.stopping
 
