@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,33 +78,38 @@ def capture(app: Celery, task: str, queue: str) -> Captured:
                     headers, kw, app.amqp.argsrepr_maxsize)
 
 
-def argsrepr(args: list[Any], maxsize: int) -> str:
+def argsrepr(args: list[Any], maxsize: int, shallow: bool = False) -> str:
     """``saferepr(args, maxsize)``, using ``repr`` where it provably gives the same text.
 
     saferepr costs tens of microseconds per signal; repr a few. They agree when
     the text is short enough not to be cut, every string is printable ASCII
     without quotes or backslashes (saferepr quotes differently), and no
-    container sits deeper than saferepr's three levels.
+    container sits deeper than saferepr's three levels (``shallow`` says the
+    caller knows that already).
     """
     text = repr(args)
     if (len(text) < maxsize and text.isascii() and "\\" not in text and '"' not in text
-            and _shallow(args)):
+            and (shallow or _shallow(args))):
         return text
     return str(saferepr(args, maxsize))
+
+
+def few_brackets(raw: bytes) -> bool:
+    """At most two containers in the JSON text: nothing can sit three levels deep."""
+    return raw.count(b"{") + raw.count(b"[") <= 2
 
 
 def _shallow(args: list[Any]) -> bool:
     """No container below the third level: [ {signal} {tags} ]."""
     for obj in args:
-        if type(obj) is dict:
-            values: Any = obj.values()
-        elif type(obj) is list:
-            values = obj
-        else:
+        t = type(obj)
+        if t is not dict and t is not list:
             continue
-        for v in values:
-            inner = v.values() if type(v) is dict else v if type(v) is list else ()
-            for x in inner:
+        for v in obj.values() if t is dict else obj:
+            tv = type(v)
+            if tv is not dict and tv is not list:
+                continue
+            for x in v.values() if tv is dict else v:
                 if type(x) is dict or type(x) is list:
                     return False
     return True
@@ -138,11 +144,16 @@ class MessageBuilder:
         inner = b"[[" + b", ".join(raws) + b"]]" if batch else b"[" + raws[0] + b"]"
         return self.c.body_head + inner + self.c.body_tail
 
-    def headers(self, task_id: str, args: list[Any], batch: bool) -> dict[str, Any]:
+    def argsrepr(self, raws: Sequence[bytes], args: list[Any], batch: bool) -> str:
+        if batch:  # long lists are cut at maxsize; saferepr stops early
+            return str(saferepr(args, self.c.argsrepr_maxsize))
+        return argsrepr(args, self.c.argsrepr_maxsize, few_brackets(raws[0]))
+
+    def headers(self, task_id: str, raws: Sequence[bytes], args: list[Any],
+                batch: bool) -> dict[str, Any]:
         h = self._headers.copy()
         h["id"] = h["root_id"] = task_id
-        h["argsrepr"] = (str(saferepr(args, self.c.argsrepr_maxsize)) if batch
-                         else argsrepr(args, self.c.argsrepr_maxsize))
+        h["argsrepr"] = self.argsrepr(raws, args, batch)
         return h
 
     def properties(self, task_id: str) -> dict[str, Any]:
@@ -152,28 +163,46 @@ class MessageBuilder:
 
 
 class RedisEnvelopes:
-    """The JSON envelope kombu's Redis transport LPUSHes, one per message."""
+    """The JSON envelope kombu's Redis transport LPUSHes, one per message.
+
+    kombu builds it with ``prepare_message``, base64-encodes the body and
+    ``json.dumps`` the whole dict per message. Here the dict is serialized once
+    with placeholders and split into constant fragments; each message joins the
+    fragments with its own body, id, argsrepr and delivery tag. Task ids are
+    ``<topic>-<partition>-<offset>`` and Kafka topic names are ``[a-zA-Z0-9._-]``,
+    so ids, like base64 and uuids, need no JSON escaping; argsrepr is escaped.
+    """
+
+    _SLOTS = ("body", "id", "argsrepr", "tag")
 
     def __init__(self, builder: MessageBuilder) -> None:
         self.b = builder
         c = builder.c
-        props = dict(c.properties)
-        props.setdefault("priority", 0)
-        self._props = {**props, "delivery_info": {"exchange": c.exchange,
-                                                  "routing_key": c.routing_key},
-                       "body_encoding": "base64"}
-        self._ct = c.content_type
-        self._ce = c.content_encoding
+        marks = {slot: f"\x02{slot}\x02" for slot in self._SLOTS}
+        headers = {**c.headers, "id": marks["id"], "root_id": marks["id"],
+                   "argsrepr": marks["argsrepr"]}
+        props = {"priority": 0, **c.properties, "correlation_id": marks["id"],
+                 "delivery_info": {"exchange": c.exchange, "routing_key": c.routing_key},
+                 "body_encoding": "base64", "delivery_tag": marks["tag"]}
+        template = orjson.dumps({"body": marks["body"], "content-encoding": c.content_encoding,
+                                 "content-type": c.content_type, "headers": headers,
+                                 "properties": props})
+        pattern = re.compile(b"|".join(re.escape(orjson.dumps(m)) for m in marks.values()))
+        by_mark = {orjson.dumps(m): slot for slot, m in marks.items()}
+        self.fragments = pattern.split(template)
+        self.slots = [by_mark[m] for m in pattern.findall(template)]
 
     def encode(self, task_id: str, raws: Sequence[bytes], args: list[Any], batch: bool,
                delivery_tag: str) -> bytes:
-        props = self._props.copy()
-        props["correlation_id"] = task_id
-        props["delivery_tag"] = delivery_tag
-        return orjson.dumps({
-            "body": base64.b64encode(self.b.body(raws, batch)).decode(),
-            "content-encoding": self._ce,
-            "content-type": self._ct,
-            "headers": self.b.headers(task_id, args, batch),
-            "properties": props,
-        })
+        values = {
+            "body": b'"' + base64.b64encode(self.b.body(raws, batch)) + b'"',
+            "id": b'"' + task_id.encode() + b'"',
+            "argsrepr": orjson.dumps(self.b.argsrepr(raws, args, batch)),
+            "tag": b'"' + delivery_tag.encode() + b'"',
+        }
+        frags = self.fragments
+        parts = [frags[0]]
+        for i, slot in enumerate(self.slots, 1):
+            parts.append(values[slot])
+            parts.append(frags[i])
+        return b"".join(parts)

@@ -3,13 +3,14 @@
 The loop reads top to bottom: consume → decode/validate → build messages →
 publish → store offsets. An offset is stored only after every record at or
 below it was accepted by the Celery broker or delivered to the dead-letter
-topic, and each batch's stored offsets are committed before the next batch.
+topic, and a batch's offsets are committed before the next batch is published.
 """
 
 from __future__ import annotations
 
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,11 +22,13 @@ from ingestd import dispatch, kafka, logs
 from ingestd.config import Config
 from ingestd.dlq import DeadLetter, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
+from ingestd.offsets import Committer
 from ingestd.schema import Validator
 
 log = logs.get("worker")
 BACKPRESSURE_CHECK_INTERVAL = 0.25
 RETRY_INITIAL_BACKOFF = 0.1
+SWITCH_INTERVAL = 0.0005
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Worker:
         props["error_cb"] = self._on_kafka_error
         props["stats_cb"] = self._on_stats
         self.consumer = Consumer(props)
+        self.committer = Committer(self.consumer, self._on_commit_error)
         from ingestd import metrics  # after fork: PROMETHEUS_MULTIPROC_DIR is set by now
 
         self.metrics = metrics
@@ -74,6 +78,10 @@ class Worker:
         """Consume until asked to stop, then drain: publish, store, commit, leave."""
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        # The committer thread needs the GIL to start and to finish a commit;
+        # at the default 5 ms switch interval that alone would double the
+        # wait before the next publish.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self.consumer.subscribe(list(self.config.topic), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
         n, timeout = self.config.batch_size, self.config.batch_timeout_ms / 1000
@@ -94,9 +102,13 @@ class Worker:
     def decode(self, messages: list[Message]) -> Batch:
         """Validate each record; build a task for each valid one, a dead letter for the rest."""
         batch = Batch()
+        # Bound to locals: this loop runs once per record.
         check = self.validator.check
+        task, add_task = dispatch.Task, batch.tasks.append
+        offsets, consumed = batch.offsets, batch.consumed
         each = self.config.dispatch == "each"
         slices: dict[tuple[str, int], tuple[int, int, list[bytes], list[Any]]] = {}
+        oldest = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -105,12 +117,12 @@ class Worker:
             # Set on every message without an error.
             topic, partition, offset = cast(tuple[str, int, int],
                                             (msg.topic(), msg.partition(), msg.offset()))
-            raw = msg.value()
-            batch.offsets[(topic, partition)] = offset + 1
-            batch.consumed[topic] = batch.consumed.get(topic, 0) + 1
+            offsets[(topic, partition)] = offset + 1
+            consumed[topic] = consumed.get(topic, 0) + 1
             ts = msg.timestamp()[1]
-            if ts > 0 and (batch.oldest_ms == 0 or ts < batch.oldest_ms):
-                batch.oldest_ms = ts
+            if ts > 0 and (ts < oldest or not oldest):
+                oldest = ts
+            raw = msg.value()
             try:
                 obj = check(raw)
             except RecordError as exc:
@@ -119,16 +131,15 @@ class Worker:
                 continue
             assert raw is not None  # check() refuses tombstones
             if each:
-                batch.tasks.append(dispatch.Task(f"{topic}-{partition}-{offset}", topic,
-                                                 [raw], [obj]))
+                add_task(task(f"{topic}-{partition}-{offset}", topic, [raw], [obj]))
             else:
                 first, _, raws, objs = slices.get((topic, partition), (offset, 0, [], []))
                 raws.append(raw)
                 objs.append(obj)
                 slices[(topic, partition)] = (first, offset, raws, objs)
         for (topic, partition), (first, last, raws, objs) in slices.items():
-            batch.tasks.append(dispatch.Task(f"{topic}-{partition}-{first}-{last}", topic,
-                                             raws, objs))
+            add_task(task(f"{topic}-{partition}-{first}-{last}", topic, raws, objs))
+        batch.oldest_ms = oldest
         return batch
 
     def deliver(self, batch: Batch) -> bool:
@@ -138,6 +149,7 @@ class Worker:
         """
         letters, tasks = batch.letters, batch.tasks
         attempt = 0
+        self.committer.wait()
         while True:
             try:
                 if letters and self.dlq is not None:
@@ -162,11 +174,10 @@ class Worker:
         return True
 
     def store(self, batch: Batch) -> None:
-        """Store the next offset of every partition in the batch, then commit them.
+        """Store the next offset of every partition in the batch and commit in the background.
 
-        The synchronous commit is what bounds a crash's repeats to the in-flight
-        batch; auto-commit alone would repeat up to ``auto.commit.interval.ms``
-        of records.
+        :meth:`deliver` waits for that commit before it publishes the next batch,
+        so a crash repeats at most the batch in flight.
         """
         offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
         if not offsets:
@@ -177,15 +188,11 @@ class Worker:
             # A partition revoked while the batch was in flight: its new owner
             # repeats these records, so there is nothing to store here.
             log.info("offsets not stored (%s)", exc.args[0].str())
-        self.commit("commit")
+        self.committer.request()
 
-    def commit(self, when: str) -> None:
-        try:
-            self.consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                self.metrics.commit_failures.inc()
-                self.kafka_log.warning("%s failed: %s", when, exc.args[0].str())
+    def _on_commit_error(self, err: KafkaError) -> None:
+        self.metrics.commit_failures.inc()
+        self.kafka_log.warning("offset commit failed: %s", err.str())
 
     # --- helpers ----------------------------------------------------------
 
@@ -264,7 +271,7 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", _names(partitions))
-        self.commit("commit on revoke")
+        self.committer.commit_now()
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -298,7 +305,8 @@ class Worker:
 
     def close(self) -> None:
         """Commit what was stored and leave the group."""
-        self.commit("final commit")
+        self.committer.commit_now()
+        self.committer.close()
         self.consumer.close()
         if self.dlq is not None:
             self.dlq.close()
