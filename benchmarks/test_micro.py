@@ -1,0 +1,413 @@
+"""Micro benchmarks of ingestd's hot path against the alternatives, on a 1000-record corpus.
+
+Every benchmark processes the whole corpus (or one batch of 1000 messages), so the
+per-record cost is the reported time / 1000 (``extra_info["records"]``).
+
+Groups:
+
+- ``decode+validate``: one record's bytes to a validated dict.
+- ``build message``: 1000 ``each``-mode tasks to the bytes kombu's Redis transport LPUSHes;
+  ``build message: argsrepr`` and ``build message: delivery_tag`` time two of its pieces.
+- ``publish``: 1000 messages into a real Redis list, as one batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+import redis
+from celery import Celery
+from celery.utils.saferepr import saferepr
+from kombu import serialization
+from kombu.utils.json import dumps as kombu_dumps
+
+from benchmarks.conftest import N_RECORDS
+from ingestd import codec, dispatch, schema
+from ingestd.config import Config
+
+Benchmark = Any  # pytest_benchmark.fixture.BenchmarkFixture
+Signal = schema.Signal
+
+
+def _records(benchmark: Benchmark, n: int = N_RECORDS) -> None:
+    benchmark.extra_info["records"] = n
+
+
+def _per_record(benchmark: Benchmark) -> None:
+    """After the run: the mean per record in microseconds, next to the per-batch stats."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        n = benchmark.extra_info["records"]
+        benchmark.extra_info["mean_per_record_us"] = round(stats.stats.mean / n * 1e6, 3)
+
+
+# --------------------------------------------------------------------------- decode+validate
+
+
+def _decode_ingestd() -> Callable[[list[bytes]], list[Any]]:
+    check = schema.Validator("signal", 1 << 20).check
+
+    def run(corpus: list[bytes]) -> list[Any]:
+        out = []
+        for raw in corpus:
+            out.append(check(raw))
+        return out
+
+    return run
+
+
+def _decode_orjson_convert() -> Callable[[list[bytes]], list[Any]]:
+    loads, convert = orjson.loads, msgspec.convert
+
+    def run(corpus: list[bytes]) -> list[Any]:
+        out = []
+        for raw in corpus:
+            obj = loads(raw)
+            convert(obj, Signal)
+            out.append(obj)
+        return out
+
+    return run
+
+
+def _decode_typed_plus_orjson() -> Callable[[list[bytes]], list[Any]]:
+    loads, typed = orjson.loads, msgspec.json.Decoder(Signal).decode
+
+    def run(corpus: list[bytes]) -> list[Any]:
+        out = []
+        for raw in corpus:
+            typed(raw)
+            out.append(loads(raw))
+        return out
+
+    return run
+
+
+def _decode_msgspec_convert() -> Callable[[list[bytes]], list[Any]]:
+    decode, convert = msgspec.json.decode, msgspec.convert
+
+    def run(corpus: list[bytes]) -> list[Any]:
+        out = []
+        for raw in corpus:
+            obj = decode(raw)
+            convert(obj, Signal)
+            out.append(obj)
+        return out
+
+    return run
+
+
+def _decode_msgspec_decoder_convert() -> Callable[[list[bytes]], list[Any]]:
+    decode, convert = msgspec.json.Decoder().decode, msgspec.convert
+
+    def run(corpus: list[bytes]) -> list[Any]:
+        out = []
+        for raw in corpus:
+            obj = decode(raw)
+            convert(obj, Signal)
+            out.append(obj)
+        return out
+
+    return run
+
+
+def _decode_json() -> Callable[[list[bytes]], list[Any]]:
+    loads = json.loads
+
+    def run(corpus: list[bytes]) -> list[Any]:
+        out = []
+        for raw in corpus:
+            out.append(loads(raw))
+        return out
+
+    return run
+
+
+def _decode_typed_only() -> Callable[[list[bytes]], list[Any]]:
+    typed = msgspec.json.Decoder(Signal).decode
+
+    def run(corpus: list[bytes]) -> list[Any]:
+        out = []
+        for raw in corpus:
+            out.append(typed(raw))
+        return out
+
+    return run
+
+
+DECODERS = {
+    "a-ingestd-Validator.check": _decode_ingestd,
+    "b-orjson.loads+msgspec.convert": _decode_orjson_convert,
+    "c-msgspec.Decoder(Signal)+orjson.loads": _decode_typed_plus_orjson,
+    "d-msgspec.json.decode+convert": _decode_msgspec_convert,
+    "d2-msgspec.json.Decoder().decode+convert": _decode_msgspec_decoder_convert,
+    "e-json.loads(old script, no validation)": _decode_json,
+    "f-msgspec.Decoder(Signal) only (floor, no dict)": _decode_typed_only,
+}
+
+
+@pytest.mark.benchmark(group="decode+validate")
+@pytest.mark.parametrize("variant", list(DECODERS))
+def test_decode_validate(benchmark: Benchmark, corpus: list[bytes],
+                         signals: list[dict[str, Any]], variant: str) -> None:
+    _records(benchmark)
+    out = benchmark(DECODERS[variant](), corpus)
+    _per_record(benchmark)
+    assert len(out) == N_RECORDS
+    if not variant.startswith("f-"):
+        assert out == signals
+
+
+# ----------------------------------------------------------------------------- build message
+
+
+def _envelope_view(envelope: bytes | str) -> dict[str, Any]:
+    """An envelope with the body decoded and the per-message random delivery_tag removed."""
+    env: dict[str, Any] = json.loads(envelope)
+    env["body"] = json.loads(base64.b64decode(env["body"]))
+    del env["properties"]["delivery_tag"]
+    return env
+
+
+def test_build_ingestd(benchmark: Benchmark, dispatcher: dispatch.RedisDispatcher,
+                       tasks: list[dispatch.Task]) -> None:
+    benchmark.group = "build message"
+    _records(benchmark)
+    out = benchmark(dispatcher.encode, tasks)
+    _per_record(benchmark)
+    assert len(out) == N_RECORDS
+
+
+@pytest.mark.stack
+def test_build_celery_send_task(benchmark: Benchmark, dispatcher: dispatch.RedisDispatcher,
+                                config: Config, tasks: list[dispatch.Task]) -> None:
+    """Celery's own ``send_task`` down to the envelope bytes; the channel's ``_put`` only keeps
+    ``kombu.utils.json.dumps(message)`` (what the Redis transport would LPUSH)."""
+    benchmark.group = "build message"
+    _records(benchmark)
+    app = dispatcher.app
+    out: list[str] = []
+
+    def capture(queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        out.append(kombu_dumps(message))
+
+    conn = app.connection_for_write()
+    try:
+        producer = conn.Producer()
+        producer.channel._put = capture
+        send_task, name, queue = app.send_task, config.task, config.queue
+
+        def run() -> list[str]:
+            out.clear()
+            for t in tasks:
+                send_task(name, args=t.objs, kwargs={}, task_id=t.task_id, queue=queue,
+                          producer=producer)
+            return out
+
+        built = benchmark(run)
+        _per_record(benchmark)
+    finally:
+        conn.release()
+    assert len(built) == N_RECORDS
+    ours = dispatcher.encode(tasks[:50])
+    assert [_envelope_view(e) for e in built[:50]] == [_envelope_view(e) for e in ours]
+
+
+@pytest.mark.stack
+def test_build_celery_pieces(benchmark: Benchmark, dispatcher: dispatch.RedisDispatcher,
+                             config: Config, tasks: list[dispatch.Task]) -> None:
+    """The same message from Celery's pieces, without send_task's routing/ensure/signals:
+    ``as_task_v2`` + ``kombu.serialization.dumps`` + ``prepare_message`` + the virtual
+    channel's body encoding and delivery tag + ``kombu.utils.json.dumps``."""
+    benchmark.group = "build message"
+    _records(benchmark)
+    app: Celery = dispatcher.app
+    c = dispatcher.captured
+    reply_to, origin = c.properties["reply_to"], c.headers["origin"]
+    conn = app.connection_for_write()
+    try:
+        channel = conn.default_channel
+        as_task_v2, name, key = app.amqp.as_task_v2, config.task, c.routing_key
+        dumps: Callable[..., tuple[str, str, Any]] = serialization.dumps
+
+        def run() -> list[str]:
+            out = []
+            for t in tasks:
+                m = as_task_v2(t.task_id, name, args=t.objs, kwargs={}, reply_to=reply_to,
+                               origin=origin, ignore_result=None)
+                ctype, cenc, body = dumps(m.body, serializer="json")
+                message = channel.prepare_message(body, 0, ctype, cenc, m.headers,
+                                                  {**m.properties, "delivery_mode": 2})
+                channel._inplace_augment_message(message, "", key)
+                out.append(kombu_dumps(message))
+            return out
+
+        built = benchmark(run)
+        _per_record(benchmark)
+    finally:
+        conn.release()
+    assert len(built) == N_RECORDS
+    ours = dispatcher.encode(tasks[:50])
+    assert [_envelope_view(e) for e in built[:50]] == [_envelope_view(e) for e in ours]
+
+
+def _saferepr(args: list[Any], maxsize: int) -> str:
+    text: str = saferepr(args, maxsize)
+    return text
+
+
+ARGSREPR: dict[str, Callable[[list[Any], int], str]] = {
+    "codec.argsrepr": codec.argsrepr,
+    "celery saferepr": _saferepr,
+}
+
+
+@pytest.mark.parametrize("variant", list(ARGSREPR))
+def test_build_argsrepr(benchmark: Benchmark, signals: list[dict[str, Any]],
+                        dispatcher: dispatch.RedisDispatcher, variant: str) -> None:
+    benchmark.group = "build message: argsrepr"
+    _records(benchmark)
+    fn, size = ARGSREPR[variant], dispatcher.captured.argsrepr_maxsize
+    args = [[s] for s in signals]
+
+    def run() -> list[str]:
+        return [fn(a, size) for a in args]
+
+    out = benchmark(run)
+    _per_record(benchmark)
+    assert out == [saferepr(a, size) for a in args]
+
+
+def _uuid4_strs(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+DELIVERY_TAGS = {
+    "codec.delivery_tags(1000)": codec.delivery_tags,
+    "[str(uuid.uuid4()) x1000]": _uuid4_strs,
+}
+
+
+@pytest.mark.parametrize("variant", list(DELIVERY_TAGS))
+def test_build_delivery_tags(benchmark: Benchmark, variant: str) -> None:
+    benchmark.group = "build message: delivery_tag"
+    _records(benchmark)
+    out = benchmark(DELIVERY_TAGS[variant], N_RECORDS)
+    _per_record(benchmark)
+    assert len(set(out)) == N_RECORDS
+    assert all(uuid.UUID(tag).version == 4 and str(uuid.UUID(tag)) == tag for tag in out)
+
+
+# ----------------------------------------------------------------------------------- publish
+
+PUBLISH_ROUNDS = 20
+
+
+def _publish(benchmark: Benchmark, client: redis.Redis, key: str, run: Callable[[], Any],
+             rounds: int = PUBLISH_ROUNDS, expect: list[bytes] | None = None) -> None:
+    """Time ``run`` (one batch of 1000), with the list emptied before each round.
+
+    ``expect``: the envelopes the list must then hold (delivery tags aside), oldest first.
+    """
+    benchmark.group = "publish"
+    _records(benchmark)
+
+    def empty() -> None:
+        client.delete(key)
+
+    benchmark.pedantic(run, setup=empty, rounds=rounds, warmup_rounds=1)
+    _per_record(benchmark)
+    assert client.llen(key) == N_RECORDS
+    if expect is not None:
+        stored = client.lrange(key, 0, -1)[::-1]  # LPUSH: newest at the head
+        assert [_envelope_view(e) for e in stored] == [_envelope_view(e) for e in expect]
+    client.delete(key)
+
+
+@pytest.mark.stack
+def test_publish_lpush_multi(benchmark: Benchmark, redis_client: redis.Redis,
+                             dispatcher: dispatch.RedisDispatcher, envelopes: list[bytes]) -> None:
+    """(a) ingestd: one multi-value LPUSH of the prepared envelopes."""
+    key, lpush = dispatcher.key, redis_client.lpush
+    _publish(benchmark, redis_client, key, lambda: lpush(key, *envelopes), expect=envelopes)
+
+
+def _publish_args(envelope: bytes) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """Body, headers and ``publish`` properties of an ingestd envelope (pre-serialized)."""
+    env = orjson.loads(envelope)
+    props = env["properties"]
+    for transport_added in ("delivery_info", "body_encoding", "delivery_tag", "priority"):
+        del props[transport_added]
+    return base64.b64decode(env["body"]), env["headers"], props
+
+
+@pytest.mark.stack
+def test_publish_kombu_batch(benchmark: Benchmark, redis_client: redis.Redis,
+                             dispatcher: dispatch.RedisDispatcher, envelopes: list[bytes]) -> None:
+    """(b) kombu 5.7 ``Producer.batch()``: 1000 ``publish`` calls of pre-serialized bodies,
+    buffered in one non-transactional pipeline (one LPUSH per message)."""
+    c = dispatcher.captured
+    prepared = [_publish_args(e) for e in envelopes]
+    conn = dispatcher.app.connection_for_write()
+    try:
+        producer = conn.Producer()
+        assert producer.channel.supports_batch_publish, "kombu would publish immediately"
+        publish, key = producer.publish, c.routing_key
+
+        def run() -> None:
+            with producer.batch(max_size=N_RECORDS):
+                for body, headers, props in prepared:
+                    publish(body, routing_key=key, exchange=c.exchange,
+                            content_type=c.content_type, content_encoding=c.content_encoding,
+                            headers=headers, **props)
+
+        _publish(benchmark, redis_client, key, run, expect=envelopes)
+    finally:
+        conn.release()
+
+
+@pytest.mark.stack
+def test_publish_celery_send_task(benchmark: Benchmark, redis_client: redis.Redis,
+                                  dispatcher: dispatch.RedisDispatcher, config: Config,
+                                  tasks: list[dispatch.Task]) -> None:
+    """(c) the old script's way: ``send_task`` per message (builds and LPUSHes each one)."""
+    app, name, queue = dispatcher.app, config.task, config.queue
+
+    def run() -> None:
+        with app.producer_or_acquire() as producer:
+            for t in tasks:
+                app.send_task(name, args=t.objs, kwargs={}, task_id=t.task_id, queue=queue,
+                              producer=producer)
+
+    _publish(benchmark, redis_client, dispatcher.key, run, rounds=5,
+             expect=dispatcher.encode(tasks))
+
+
+@pytest.mark.stack
+def test_publish_pipeline(benchmark: Benchmark, redis_client: redis.Redis,
+                          dispatcher: dispatch.RedisDispatcher, envelopes: list[bytes]) -> None:
+    """(d) a non-transactional pipeline, one LPUSH per message."""
+    key = dispatcher.key
+
+    def run() -> None:
+        pipe = redis_client.pipeline(transaction=False)
+        for m in envelopes:
+            pipe.lpush(key, m)
+        pipe.execute()
+
+    _publish(benchmark, redis_client, key, run)
+
+
+@pytest.mark.stack
+def test_publish_ingestd_end_to_end(benchmark: Benchmark, redis_client: redis.Redis,
+                                    dispatcher: dispatch.RedisDispatcher,
+                                    tasks: list[dispatch.Task]) -> None:
+    """(e) ingestd's whole ``RedisDispatcher.publish``: encode + one LPUSH (compare with c)."""
+    _publish(benchmark, redis_client, dispatcher.key, lambda: dispatcher.publish(tasks))
