@@ -199,9 +199,10 @@ class RedisEnvelopes:
     def encode(self, task_id: str, raws: Sequence[bytes], args: list[Any], batch: bool,
                delivery_tag: str) -> bytes:
         b = self.b
-        return self._format % self._pick((
+        envelope: bytes = self._format % self._pick((
             b'"' + binascii.b2a_base64(b.body(raws, batch), newline=False) + b'"',
             b'"' + task_id.encode() + b'"',
             orjson.dumps(b.argsrepr(raws, args, batch)),
             b'"' + delivery_tag.encode() + b'"',
         ))
+        return envelope
