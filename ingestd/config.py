@@ -383,7 +383,7 @@ def options_table() -> str:
         spec = spec_of(f)
         flag = f"`{spec.short} {spec.metavar}`, " if spec.short else ""
         arg = f" {spec.metavar}" if spec.metavar else (" " + "\\|".join(spec.choices))
-        default = spec.default_doc or default_of(f)
-        rows.append(f"| {flag}`{flag_of(f)}{arg}` | `{env_of(f)}` | `{default!r}` | "
+        default = spec.default_doc or f"`{default_of(f)!r}`"
+        rows.append(f"| {flag}`{flag_of(f)}{arg}` | `{env_of(f)}` | {default} | "
                     f"{spec.help.replace('%%', '%')} |")
     return "\n".join(rows)
