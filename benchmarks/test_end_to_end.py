@@ -54,6 +54,7 @@ def queue_db() -> Iterator[tuple[str, redis.Redis]]:
     client = redis.Redis.from_url(stack.redis_url(db))
     yield stack.redis_url(db), client
     client.flushdb()
+    stack.release_redis_db(db)
 
 
 def _report(benchmark: Any, n: int, seconds: float, **extra: Any) -> None:

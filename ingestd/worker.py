@@ -63,6 +63,7 @@ class Worker:
         self.kafka_log = logs.RateLimited(logs.get("kafka"))
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
         self._next_depth_check = 0.0
+        self._queue_depth = 0
         props = kafka.consumer_config(config, slot)
         props["error_cb"] = self._on_kafka_error
         props["stats_cb"] = self._on_stats
@@ -158,6 +159,7 @@ class Worker:
                 started = time.perf_counter()
                 self.dispatcher.publish(tasks)
                 self.metrics.dispatch_seconds.observe(time.perf_counter() - started)
+                self._queue_depth += len(tasks)
                 break
             except DispatchError as exc:
                 delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
@@ -247,15 +249,24 @@ class Worker:
                 self.consumer.resume(self.consumer.assignment())
 
     def _check_backpressure(self) -> None:
+        """Pause while the Celery queue holds more than ``--max-queue-depth`` tasks.
+
+        The queue is asked at most every BACKPRESSURE_CHECK_INTERVAL; between two
+        asks, what this worker published is added to the last answer, so a fast
+        worker does not overshoot by a whole interval's worth.
+        """
         limit = self.config.max_queue_depth
-        if not limit or time.monotonic() < self._next_depth_check:
+        if not limit:
             return
-        self._next_depth_check = time.monotonic() + BACKPRESSURE_CHECK_INTERVAL
-        try:
-            depth = self.dispatcher.queue_depth()
-        except DispatchError as exc:
-            self.broker_log.warning("%s", exc)
-            return
+        now = time.monotonic()
+        if now >= self._next_depth_check:
+            self._next_depth_check = now + BACKPRESSURE_CHECK_INTERVAL
+            try:
+                self._queue_depth = self.dispatcher.queue_depth()
+            except DispatchError as exc:
+                self.broker_log.warning("%s", exc)
+                return
+        depth = self._queue_depth
         if depth > limit and "backpressure" not in self.paused_by:
             log.info("queue %s holds %d > %d tasks: pausing", self.config.queue, depth, limit)
             self._pause("backpressure")

@@ -32,9 +32,11 @@ def topic_factory(kafka: str) -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture
-def redis_db() -> int:
+def redis_db() -> Iterator[int]:
     """This test's own Redis database number, empty."""
-    return stack.fresh_redis_db()
+    db = stack.fresh_redis_db()
+    yield db
+    stack.release_redis_db(db)
 
 
 @pytest.fixture

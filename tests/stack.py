@@ -24,6 +24,7 @@ RABBITMQ_URL = f"amqp://guest:guest@127.0.0.1:{os.environ.get('RABBITMQ_PORT', '
 REDIS_DATABASES = 64  # scripts/stack starts redis-server with --databases 64
 
 _db_numbers = itertools.cycle(range(1, REDIS_DATABASES))
+_CLAIM = "ingestd-test-db:{}"
 
 
 def redis_url(db: int) -> str:
@@ -31,10 +32,21 @@ def redis_url(db: int) -> str:
 
 
 def fresh_redis_db() -> int:
-    """A Redis database number of this test's own, emptied."""
-    db = next(_db_numbers)
-    redis.Redis(port=REDIS_PORT, db=db).flushdb()
-    return db
+    """A Redis database number of this test's own, emptied.
+
+    Claimed in database 0, so that test runs in parallel never share one.
+    """
+    control = redis.Redis(port=REDIS_PORT, db=0)
+    for _ in range(REDIS_DATABASES):
+        db = next(_db_numbers)
+        if control.set(_CLAIM.format(db), os.getpid(), nx=True, ex=3600):
+            redis.Redis(port=REDIS_PORT, db=db).flushdb()
+            return db
+    raise RuntimeError("every Redis test database is claimed")
+
+
+def release_redis_db(db: int) -> None:
+    redis.Redis(port=REDIS_PORT, db=0).delete(_CLAIM.format(db))
 
 
 _admin: AdminClient | None = None

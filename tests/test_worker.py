@@ -234,3 +234,42 @@ def test_redis_outage_mid_stream_loses_nothing(
     assert "retrying" in ingestd.output()
     assert set(stack_ids(url)) == ids
     assert stack.committed_offsets(g, topic, 4) == stack.end_offsets(topic, 4)
+
+
+@pytest.mark.amqp
+def test_amqp_broker_tasks_run_on_celery(topic_factory: Callable[..., str], redis_db: int) -> None:
+    topic = topic_factory(partitions=2)
+    n = 1000
+    stack.produce(topic, (stack.signal_record(i) for i in range(n)))
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    results_url = stack.redis_url(redis_db)
+    args = stack.ingestd_args(topic, group(), stack.RABBITMQ_URL, "--queue", queue)
+    with stack.Ingestd(*args) as ingestd, \
+            stack.celery_worker(stack.RABBITMQ_URL, queue=queue,
+                                env={"INGESTD_RESULTS_URL": results_url}):
+        results = redis.Redis.from_url(results_url)
+        assert stack.wait_until(lambda: results.hlen(reference_tasks.SCORES_KEY) >= n, 120)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    ids = {k.decode() for k in results.hkeys(reference_tasks.SCORES_KEY)}
+    assert ids == {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, 2).items()
+                   for o in range(end)}
+
+
+def test_backpressure_pauses_above_max_queue_depth(topic_factory: Callable[..., str],
+                                                   broker_url: str) -> None:
+    topic = topic_factory(partitions=1)
+    stack.produce(topic, (stack.signal_record(i) for i in range(5000)), partition=0)
+    args = stack.ingestd_args(topic, group(), broker_url, "--max-queue-depth", "1000",
+                              "--batch-size", "100")
+    client = redis.Redis.from_url(broker_url)
+    with stack.Ingestd(*args) as ingestd:
+        assert stack.wait_until(lambda: client.llen("celery") >= 1000, 60)
+        time.sleep(2)
+        held = client.llen("celery")
+        assert 1000 <= held <= 1000 + 100, held  # at most one batch over
+        client.ltrim("celery", 0, 99)  # a consumer drained the queue below 80%
+        assert stack.wait_until(lambda: client.llen("celery") >= 1000, 60)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    assert "pausing" in ingestd.output() and "resuming" in ingestd.output()
