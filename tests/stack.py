@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -219,10 +219,8 @@ class Ingestd:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             for pid in self.worker_pids():
-                try:
+                with suppress(ProcessLookupError):
                     os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
             self.proc.kill()
             self.proc.wait()
 

@@ -140,7 +140,7 @@ def test_batch_dispatch_sends_one_task_per_partition_slice(topic_factory: Callab
     assert all(t["task"] == "ingest_and_score_signals" for t in tasks)
     assert sum(len(t["args"][0]) for t in tasks) == n
     for t in tasks:
-        _, partition, first, last = t["id"].rsplit("-", 3)
+        _, _partition, first, last = t["id"].rsplit("-", 3)
         assert int(last) - int(first) + 1 == len(t["args"][0])
     with stack.celery_worker(broker_url):
         assert stack.wait_until(lambda: client.hlen(reference_tasks.SCORES_KEY) >= n, 60)
