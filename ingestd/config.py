@@ -65,9 +65,41 @@ def _host_port(v: str) -> str | None:
     return None if sep and port.isdigit() else "HOST:PORT, or \"\" to disable"
 
 
+def _topic(v: str) -> str | None:
+    # Kafka's own rule; task ids embed the name, and codec relies on it needing no escaping.
+    return None if re.fullmatch(r"[a-zA-Z0-9._-]{1,249}", v) else "a Kafka topic name " \
+        "([a-zA-Z0-9._-], 1 to 249 characters)"
+
+
+def _dlq_topic(v: str | None) -> str | None:
+    return None if not v else _topic(v)
+
+
 def _kafka_property(v: str) -> str | None:
     key, sep, _ = v.partition("=")
     return None if sep and key.strip() else "key=value"
+
+
+def parse_partitions(spec: str) -> frozenset[int] | None:
+    """``"0-5,8"`` → {0, 1, 2, 3, 4, 5, 8}; ``""`` → None (all). Raises ValueError."""
+    if not spec.strip():
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        low, sep, high = part.strip().partition("-")
+        first, last = int(low), int(high) if sep else int(low)
+        if first < 0 or last < first:
+            raise ValueError(part)
+        out.update(range(first, last + 1))
+    return frozenset(out)
+
+
+def _partitions(v: str) -> str | None:
+    try:
+        parse_partitions(v)
+    except ValueError:
+        return "a list of partitions and ranges, e.g. 0-5,8"
+    return None
 
 
 def _schema(v: str) -> str | None:
@@ -102,7 +134,7 @@ class Config:
         lambda: os.cpu_count() or 1, parse=int, metavar="N", check=_positive,
         default_doc="number of CPUs", help="worker processes")
     topic: tuple[str, ...] = setting(
-        ("pulse_signals",), metavar="T", repeatable=True, legacy_env="KAFKA_TOPIC",
+        ("pulse_signals",), metavar="T", repeatable=True, legacy_env="KAFKA_TOPIC", check=_topic,
         help="source topic (repeatable; comma-separated in the environment)")
     bootstrap_servers: str = setting(
         "localhost:9092", metavar="HOSTS", legacy_env="KAFKA_BOOTSTRAP", help="Kafka bootstrap")
@@ -114,7 +146,7 @@ class Config:
         lambda: socket.gethostname(), metavar="ID", default_doc="host name",
         help="static membership id prefix; each worker joins as <instance-id>-<slot>")
     partitions: str = setting(
-        "", metavar="LIST",
+        "", metavar="LIST", check=_partitions,
         help="static mode: partitions this host owns, e.g. 0-5,8 (all if empty)")
     broker_url: str = setting(
         "redis://localhost:6379/0", metavar="URL", legacy_env="CELERY_BROKER_URL",
@@ -131,7 +163,7 @@ class Config:
         "signal", metavar="SCHEMA", check=_schema,
         help="signal, object (any JSON object) or module:Struct (a msgspec Struct)")
     dlq_topic: str | None = setting(
-        None, metavar="T", default_doc="<first topic>.dlq",
+        None, metavar="T", default_doc="<first topic>.dlq", check=_dlq_topic,
         help='dead-letter topic; "" disables (invalid records are counted, logged, skipped)')
     batch_size: int = setting(1000, parse=int, metavar="N", check=_positive,
                               help="records per consume batch")
@@ -251,45 +283,60 @@ def build_parser() -> argparse.ArgumentParser:
         spec = spec_of(f)
         names = [spec.short, flag_of(f)] if spec.short else [flag_of(f)]
         default = spec.default_doc or default_of(f)
-        p.add_argument(*names, dest=f.name, metavar=spec.metavar,
-                       action="append" if spec.repeatable else "store",
-                       choices=spec.choices or None,
-                       help=f"{spec.help} (env {env_of(f)}; default: {default!r})")
+        action = p.add_argument(*names, dest=f.name, metavar=spec.metavar,
+                                action="append" if spec.repeatable else "store",
+                                choices=spec.choices or None,
+                                help=f"{spec.help} (env {env_of(f)}; default: {default!r})")
+        if spec.choices:  # argparse checks choices after type: --log-level debug is fine
+            action.type = spec.parse
     return p
 
 
+def _split_list(name: str, raw: str) -> list[str]:
+    """An environment list: comma-separated; a librdkafka property's own value may hold
+    commas (``debug=consumer,cgrp``), so those split only before the next ``key=``."""
+    pattern = r",(?=\s*[^,=\s]+=)" if name == "kafka_property" else ","
+    return [item.strip() for item in re.split(pattern, raw) if item.strip()]
+
+
 def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
+    """Turn a flag, environment or TOML value into the setting's type, or say why not.
+
+    Text (flags, environment) is parsed; TOML values must already have the type.
+    Messages show a value only through :func:`shown`, so secrets stay hidden.
+    """
     spec = spec_of(f)
     where = f"{flag_of(f)[2:]} (from {origin})"
+    text = origin != "file"
     if spec.repeatable:
-        items = raw.split(",") if isinstance(raw, str) else raw
-        if not isinstance(items, list | tuple):
-            raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
-        items = [i.strip() if isinstance(raw, str) else i for i in items]
-        items = [i for i in items if i != ""]
-        if not all(isinstance(i, str) for i in items):
-            raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
-        value: Any = tuple(items)
-        shown_value = tuple(shown(f.name, value))
+        if isinstance(raw, str) and text:
+            raw = _split_list(f.name, raw)
+        if not isinstance(raw, list | tuple):
+            raise ConfigError(f"{where}: expected a list of strings, got a {type(raw).__name__}")
+        for item in raw:
+            if not isinstance(item, str):
+                raise ConfigError(f"{where}: expected a list of strings, got a "
+                                  f"{type(item).__name__} in the list")
+        value: Any = tuple(raw)
         if spec.check:
-            for item, item_shown in zip(value, shown_value, strict=True):
+            for item, item_shown in zip(value, shown(f.name, value), strict=True):
                 expected = spec.check(item)
                 if expected:
                     raise ConfigError(f"{where}: bad value {item_shown!r}, expected {expected}")
         return value
-    if isinstance(raw, str):
+    want = type(default_of(f)) if default_of(f) is not None else str
+    if isinstance(raw, str) and (text or want is str):
         try:
             value = spec.parse(raw)
         except ValueError:
-            kind = getattr(spec.parse, "__name__", "value")
-            raise ConfigError(
-                f"{where}: bad value {raw!r}, expected {_kinds.get(kind, kind)}") from None
+            raise ConfigError(f"{where}: bad value {shown(f.name, raw)!r}, expected "
+                              f"{_kinds[want.__name__]}") from None
     else:
-        want = type(default_of(f)) if default_of(f) is not None else str
         if want is float and isinstance(raw, int) and not isinstance(raw, bool):
             raw = float(raw)
         if not isinstance(raw, want) or isinstance(raw, bool) is not (want is bool):
-            raise ConfigError(f"{where}: bad value {raw!r}, expected {_kinds.get(want.__name__)}")
+            raise ConfigError(f"{where}: bad value {raw!r} (a {type(raw).__name__}), expected "
+                              f"{_kinds[want.__name__]}")
         value = raw
     if spec.choices and value not in spec.choices:
         raise ConfigError(
@@ -301,8 +348,7 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
     return value
 
 
-_kinds = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true/false",
-          "upper": "a string"}
+_kinds = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true/false"}
 
 
 def read_toml(path: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import tempfile
 import time
 
 BEAT_INTERVAL = 0.5
+READY = "ready"  # the status of a worker that consumes and reaches its broker
+STARTING = "starting"
 
 
 class Heartbeat:
@@ -23,7 +25,7 @@ class Heartbeat:
         self.fd = fd
         self._last = 0.0
         self._status = ""
-        self.beat("starting")
+        self.beat(STARTING)
 
     def beat(self, status: str) -> None:
         now = time.monotonic()

@@ -23,6 +23,9 @@ from ingestd.errors import ConfigError, RecordError
 DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE = "decode", "not_object", "schema", "too_large"
 REASONS = (DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE)
 DETAIL_MAX = 1024
+# A prefork `celery worker` fails tasks nested ~500 deep (pickling recursion)
+# and dies at ~700, on every retry: such records are refused here.
+MAX_DEPTH = 256
 
 
 class Signal(msgspec.Struct):
@@ -45,8 +48,9 @@ def load_struct(schema: str) -> type[msgspec.Struct] | None:
     module_name, _, attr = schema.partition(":")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"schema: cannot import {schema!r}: {exc}") from None
+    except Exception as exc:  # an import runs arbitrary code: any error is a bad setting
+        raise ConfigError(
+            f"schema: cannot import {schema!r}: {type(exc).__name__}: {exc}") from None
     if not (isinstance(obj, type) and issubclass(obj, msgspec.Struct)):
         raise ConfigError(f"schema: {schema!r} is not a msgspec.Struct subclass")
     return obj
@@ -76,6 +80,8 @@ class Validator:
             raise RecordError(DECODE, "nested too deep") from None
         if type(obj) is not dict:
             raise RecordError(NOT_OBJECT, f"top-level JSON {type(obj).__name__}, expected object")
+        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(obj):
+            raise RecordError(DECODE, f"JSON nested deeper than {MAX_DEPTH} levels")
         if self.struct is not None:
             try:
                 msgspec.convert(obj, self.struct)
@@ -84,3 +90,15 @@ class Validator:
             if self.finite_value and not math.isfinite(obj["value"]):
                 raise RecordError(SCHEMA, "Expected a finite number - at `$.value`")
         return obj
+
+
+def _too_deep(obj: Any) -> bool:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        for child in node.values() if type(node) is dict else node:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+    return False

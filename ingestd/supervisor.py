@@ -9,6 +9,7 @@ builds its clients after fork.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import select
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from ingestd import logs
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
-from ingestd.heartbeat import Heartbeat
+from ingestd.heartbeat import READY, STARTING, Heartbeat
 
 log = logs.get("supervisor")
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
@@ -86,12 +87,8 @@ class Supervisor:
             self.stop_now()
         elif signum == signal.SIGHUP:
             self.reload()
-        elif signum == signal.SIGTTIN:
-            self.target += 1
-            log.info("TTIN: workers now %d", self.target)
-        elif signum == signal.SIGTTOU:
-            self.target = max(1, self.target - 1)
-            log.info("TTOU: workers now %d", self.target)
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            self.resize(self.target + (1 if signum == signal.SIGTTIN else -1))
 
     # --- lifecycle --------------------------------------------------------
 
@@ -152,7 +149,7 @@ class Supervisor:
                 continue
             del self.workers[handle.slot]
             code = os.waitstatus_to_exitcode(status)
-            never_beat = handle.heartbeat.status() == "starting"
+            never_beat = handle.heartbeat.status() == STARTING
             handle.heartbeat.close()
             _mark_dead(pid)
             if handle.stopping_since is not None or self.draining_until is not None:
@@ -229,6 +226,18 @@ class Supervisor:
         self.workers.clear()
         self.exit_code = code
 
+    def resize(self, target: int) -> None:
+        """TTIN / TTOU. In static mode every worker's share depends on the count,
+        so all of them are replaced; in group mode the group rebalances."""
+        self.target = max(1, target)
+        self.config = dataclasses.replace(self.config, workers=self.target)
+        log.info("workers now %d", self.target)
+        if self.config.assignment == "static":
+            for handle in self.workers.values():
+                if handle.stopping_since is None:
+                    handle.stopping_since = time.monotonic()
+                    _kill(handle.pid, signal.SIGTERM)
+
     def reload(self) -> None:
         try:
             loaded = self.reload_config()
@@ -268,7 +277,7 @@ class Supervisor:
             status = handle.heartbeat.status()
             if handle.heartbeat.age() > self.config.worker_timeout:
                 problems[str(slot)] = f"no heartbeat for {handle.heartbeat.age():.0f}s"
-            elif status not in ("running", "assigned"):
+            elif status != READY:
                 problems[str(slot)] = status
         return not problems and self.draining_until is None, problems
 

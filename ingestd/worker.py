@@ -8,6 +8,7 @@ topic, and a batch's offsets are committed before the next batch is published.
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import sys
@@ -19,16 +20,20 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from ingestd import dispatch, kafka, logs
+from ingestd.assignment import Assignment
 from ingestd.config import Config
 from ingestd.dlq import DeadLetter, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
+from ingestd.heartbeat import READY
 from ingestd.offsets import Committer
 from ingestd.schema import Validator
 
 log = logs.get("worker")
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 BACKPRESSURE_CHECK_INTERVAL = 0.25
 RETRY_INITIAL_BACKOFF = 0.1
 SWITCH_INTERVAL = 0.0005
+BROKER_PROBE_INTERVAL = 2.0
 
 
 @dataclass
@@ -57,18 +62,25 @@ class Worker:
         self.dispatcher = dispatch.create(config)
         self.task_name = config.batch_task if config.dispatch == "batch" else config.task
         dlq_topic = config.dead_letter_topic
-        self.dlq = (DeadLetterProducer(dlq_topic, kafka.producer_config(config))
+        self.dlq = (DeadLetterProducer(dlq_topic, {**kafka.producer_config(config),
+                                                   "logger": LIBRDKAFKA_LOG})
                     if dlq_topic else None)
         self.invalid_log = logs.RateLimited(logs.get("invalid_record"))
         self.kafka_log = logs.RateLimited(logs.get("kafka"))
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
         self._next_depth_check = 0.0
-        self._queue_depth = 0
+        self._queue_depth = 0  # last answer plus what was published since
         props = kafka.consumer_config(config, slot)
         props["error_cb"] = self._on_kafka_error
         props["stats_cb"] = self._on_stats
+        props["logger"] = LIBRDKAFKA_LOG
         self.consumer = Consumer(props)
         self.committer = Committer(self.consumer, self._on_commit_error)
+        self.assignment = Assignment(self.consumer, config, slot, self.committer.commit_now,
+                                     self._update_status)
+        self.broker_error = ""
+        self.status = ""
+        self._last_broker_contact = time.monotonic()
         from ingestd import metrics  # after fork: PROMETHEUS_MULTIPROC_DIR is set by now
 
         self.metrics = metrics
@@ -83,13 +95,14 @@ class Worker:
         # at the default 5 ms switch interval that alone would double the
         # wait before the next publish.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.consumer.subscribe(list(self.config.topic), on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.assignment.start()
+        self._update_status()
         n, timeout = self.config.batch_size, self.config.batch_timeout_ms / 1000
         try:
             while not self.stopping:
-                self.beat("running")
-                self._check_backpressure()
+                self.beat(self.status)
+                self.assignment.refresh()
+                self._check_broker()
                 messages = self.consumer.consume(n, timeout)
                 if not messages:
                     self._check_fatal()
@@ -167,10 +180,11 @@ class Worker:
                 attempt += 1
                 self.broker_log.warning("%s; retrying in %.1fs (attempt %d), partitions paused",
                                         exc, delay, attempt)
-                self.beat("broker unreachable: " + str(exc)[:200])
+                self._broker_down(exc)
                 self._pause("broker")
                 if not self._wait(delay) and self.stopping:
                     return False
+        self._broker_up()
         self._resume("broker")
         self._count(batch)
         return True
@@ -226,7 +240,7 @@ class Worker:
         """Serve Kafka (group membership, callbacks) for ``seconds`` while paused."""
         deadline = time.monotonic() + seconds
         while not self.stopping and (left := deadline - time.monotonic()) > 0:
-            self.beat("waiting")
+            self.beat(self.status)
             for msg in self.consumer.consume(self.config.batch_size, min(left, 0.5)):
                 # Paused partitions deliver nothing; should one slip through,
                 # rewind so it is consumed again after the resume.
@@ -248,6 +262,26 @@ class Worker:
             if not self.paused_by:
                 self.consumer.resume(self.consumer.assignment())
 
+    def _check_broker(self) -> None:
+        """Ask the Celery queue's depth now and then: for backpressure, and to notice a
+        broker that went away while there was nothing to publish."""
+        now = time.monotonic()
+        limit = self.config.max_queue_depth
+        due = (now >= self._next_depth_check and
+               (limit or now - self._last_broker_contact >= BROKER_PROBE_INTERVAL))
+        if due:
+            self._next_depth_check = now + (BACKPRESSURE_CHECK_INTERVAL if limit
+                                            else BROKER_PROBE_INTERVAL)
+            try:
+                self._queue_depth = self.dispatcher.queue_depth()
+            except DispatchError as exc:
+                self.broker_log.warning("%s", exc)
+                self._broker_down(exc)
+                return
+            self._broker_up()
+        if limit:
+            self._check_backpressure()
+
     def _check_backpressure(self) -> None:
         """Pause while the Celery queue holds more than ``--max-queue-depth`` tasks.
 
@@ -255,18 +289,7 @@ class Worker:
         asks, what this worker published is added to the last answer, so a fast
         worker does not overshoot by a whole interval's worth.
         """
-        limit = self.config.max_queue_depth
-        if not limit:
-            return
-        now = time.monotonic()
-        if now >= self._next_depth_check:
-            self._next_depth_check = now + BACKPRESSURE_CHECK_INTERVAL
-            try:
-                self._queue_depth = self.dispatcher.queue_depth()
-            except DispatchError as exc:
-                self.broker_log.warning("%s", exc)
-                return
-        depth = self._queue_depth
+        limit, depth = self.config.max_queue_depth, self._queue_depth
         if depth > limit and "backpressure" not in self.paused_by:
             log.info("queue %s holds %d > %d tasks: pausing", self.config.queue, depth, limit)
             self._pause("backpressure")
@@ -276,13 +299,26 @@ class Worker:
             self._resume("backpressure")
             self.metrics.backpressure_paused.set(0)
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("assigned %s", _names(partitions))
-        self.beat("assigned")
+    def _broker_down(self, exc: DispatchError) -> None:
+        self.broker_error = f"celery broker unreachable: {exc}"[:300]
+        self._update_status()
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("revoked %s", _names(partitions))
-        self.committer.commit_now()
+    def _broker_up(self) -> None:
+        self._last_broker_contact = time.monotonic()
+        if self.broker_error:
+            log.info("celery broker reachable again")
+            self.broker_error = ""
+            self._update_status()
+
+    def _update_status(self) -> None:
+        """The status line the supervisor reads for /readyz: ``ready`` or why not."""
+        if self.broker_error:
+            self.status = self.broker_error
+        elif not self.assignment.joined:
+            self.status = "waiting for partition assignment"
+        else:
+            self.status = READY
+        self.beat(self.status)
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -322,7 +358,3 @@ class Worker:
         if self.dlq is not None:
             self.dlq.close()
         self.dispatcher.close()
-
-
-def _names(partitions: list[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

@@ -1,0 +1,105 @@
+"""How a worker gets its partitions: group membership, or a static share.
+
+``group``: the worker subscribes with static membership (``group.instance.id``
+is ``<instance-id>-<slot>``, set in :mod:`ingestd.kafka`) and the
+cooperative-sticky assignor, so a restarted worker gets its partitions back
+without moving anyone else's. Stored offsets are committed on revoke.
+
+``static``: every worker computes the same map of partitions to slots from the
+topic metadata and ``assign()``s its own share; commits still go to the group.
+The metadata is re-read periodically, so partitions added to a topic are
+picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from ingestd import logs
+from ingestd.config import Config, parse_partitions
+
+log = logs.get("assignment")
+METADATA_REFRESH = 30.0
+
+
+def static_share(partitions: dict[str, int], allowed: frozenset[int] | None, slot: int,
+                 workers: int) -> list[tuple[str, int]]:
+    """This slot's share: every ``workers``-th of the host's (topic, partition) pairs."""
+    pairs = sorted((t, p) for t, n in partitions.items() for p in range(n)
+                   if allowed is None or p in allowed)
+    return [pair for i, pair in enumerate(pairs) if i % workers == slot]
+
+
+def names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+class Assignment:
+    """Owns the consumer's subscription or static assignment."""
+
+    def __init__(self, consumer: Consumer, config: Config, slot: int,
+                 commit: Callable[[], None], changed: Callable[[], None]) -> None:
+        self.consumer = consumer
+        self.config = config
+        self.slot = slot
+        self.commit = commit
+        self.changed = changed
+        self.static = config.assignment == "static"
+        self.allowed = parse_partitions(config.partitions)
+        self.owned: set[tuple[str, int]] = set()
+        self.joined = False
+        self._next_refresh = 0.0
+
+    def start(self) -> None:
+        if self.static:
+            self.refresh()
+        else:
+            self.consumer.subscribe(list(self.config.topic), on_assign=self._on_assign,
+                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
+
+    def refresh(self) -> None:
+        """Static mode: take up partitions the topics gained since the last look."""
+        if not self.static or time.monotonic() < self._next_refresh:
+            return
+        self._next_refresh = time.monotonic() + METADATA_REFRESH
+        counts: dict[str, int] = {}
+        for topic in self.config.topic:
+            try:
+                meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
+            except KafkaException as exc:
+                log.warning("metadata for %s unavailable: %s", topic, exc.args[0].str())
+                return
+            if meta is None or meta.error is not None:
+                log.warning("topic %s not found; retrying in %.0fs", topic, METADATA_REFRESH)
+                return
+            counts[topic] = len(meta.partitions)
+        share = set(static_share(counts, self.allowed, self.slot, self.config.workers))
+        new = sorted(share - self.owned)
+        if new:
+            tps = [TopicPartition(t, p) for t, p in new]
+            self.consumer.incremental_assign(tps)
+            self.owned |= set(new)
+            log.info("assigned %s", names(tps))
+        self.joined = True
+        self.changed()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", names(partitions))
+        self.owned |= {(tp.topic, tp.partition) for tp in partitions}
+        self.joined = True
+        self.changed()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", names(partitions))
+        self.commit()
+        self.owned -= {(tp.topic, tp.partition) for tp in partitions}
+        self.changed()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Lost, not revoked: another member may own them already, so commit nothing."""
+        log.warning("lost %s", names(partitions))
+        self.owned -= {(tp.topic, tp.partition) for tp in partitions}
+        self.changed()

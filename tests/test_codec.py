@@ -1,0 +1,483 @@
+"""The fast path builds exactly the message Celery's own ``send_task`` builds.
+
+Every comparison publishes the same task twice into a real broker: once with
+``app.send_task`` (kombu's own encoding) and once with ingestd's dispatcher,
+then reads both back and compares them field by field. The only field allowed
+to differ is kombu's random per-message ``delivery_tag``.
+
+``send_task`` runs on the dispatcher's own Celery app: ``reply_to`` is derived
+from the app instance (``app.thread_oid``), so two apps never agree on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from celery.utils.saferepr import saferepr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kombu import Connection, Queue
+
+from ingestd import codec, dispatch
+from ingestd.config import Config
+from ingestd.errors import RecordError
+from ingestd.schema import Validator
+from tests import stack
+
+EACH_TASK = "ingest_and_score_signal"
+BATCH_TASK = "ingest_and_score_signals"
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+# --- JSON values as a Kafka record may carry them ------------------------------------------
+
+_specials = "'\"\\/\n\r\t\b\f\x00\x01\x1f\x7f é€\u2028😀ключ"
+_keys = st.text(max_size=12) | st.sampled_from(["name", "value", "it's", 'say "hi"', "a\\b", ""])
+_strings = (
+    st.text(max_size=40)
+    | st.text(alphabet=st.sampled_from(_specials + "abc"), max_size=40)
+    | st.builds(lambda c, n: c * n, st.sampled_from(["x", "'", '"', "\\", "é", "ab "]),
+                st.integers(1000, 3000))  # longer than argsrepr's 1024
+)
+_numbers = (
+    st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what orjson encodes as integers
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([1.7976931348623157e308, -1e308, 5e-324, 1e16, 1e-7, 0.1, -0.0, 2**53 + 1])
+)
+_scalars = st.none() | st.booleans() | _numbers | _strings
+json_values = st.recursive(
+    _scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_keys, children, max_size=4),
+    max_leaves=25,
+)
+json_objects = st.dictionaries(_keys, json_values, max_size=6)
+signals = st.builds(
+    lambda base, extra: {**extra, **base},
+    st.fixed_dictionaries(
+        {"name": st.text(min_size=1, max_size=20), "value": _numbers, "source": _strings,
+         "timestamp": st.floats(0, 4e9) | st.just("2024-05-01T12:00:00.5+02:00")},
+        optional={"id": st.text(max_size=36),
+                  "tags": st.dictionaries(_keys, st.text(max_size=20), max_size=4)},
+    ),
+    json_objects,
+)
+
+CURATED: list[dict[str, Any]] = [
+    {"name": "cpu", "value": 0.93, "source": "host-1", "timestamp": 1714557600},
+    {"name": "cpu", "value": -1, "source": "h", "timestamp": "2024-05-01T12:00:00Z",
+     "id": "abc", "tags": {"env": "prod", "region": "eu-west-1"}},
+    {"name": "ünïcødé ключ 😀", "value": 1e308, "source": "it's \"quoted\" \\ back\\slash",
+     "timestamp": 1.5, "ctl": "\x00\x01\x1f\x7f\n\t", "sep": "\u2028\u2029"},
+    {"name": "long", "value": 2**63 - 1, "source": "x" * 5000, "timestamp": 0},
+    {"name": "deep", "value": 1, "source": "s", "timestamp": 1,
+     "nested": {"a": [1, {"b": [2, {"c": None}]}], "e": {}, "l": []}, "flag": True, "nil": None},
+    {"name": "n", "value": 1.0, "source": "", "timestamp": 1, "big": 18446744073709551615,
+     "small": -9223372036854775808, "tiny": 5e-324, "neg0": -0.0},
+]
+
+
+def _assert_uuid4(tag: Any) -> None:
+    assert isinstance(tag, str)
+    parsed = uuid.UUID(tag)
+    assert parsed.version == 4
+    assert parsed.variant == uuid.RFC_4122
+    assert str(parsed) == tag  # canonical: lower case, hyphenated
+
+
+def _decode_body(envelope: dict[str, Any]) -> Any:
+    assert envelope["properties"]["body_encoding"] == "base64"
+    raw = base64.b64decode(envelope["body"], validate=True)
+    return json.loads(raw.decode(envelope["content-encoding"]))
+
+
+def assert_same_envelope(ours: bytes, theirs: bytes) -> None:
+    """Two kombu Redis envelopes are the same message; only the delivery tag may differ."""
+    a, b = json.loads(ours), json.loads(theirs)
+    assert set(a) == set(b) == {"body", "content-encoding", "content-type", "headers",
+                                "properties"}
+    assert _decode_body(a) == _decode_body(b)
+    assert a["content-type"] == b["content-type"] == "application/json"
+    assert a["content-encoding"] == b["content-encoding"] == "utf-8"
+    assert a["headers"] == b["headers"]
+    assert list(a["headers"]) == list(b["headers"])
+    props_a, props_b = dict(a["properties"]), dict(b["properties"])
+    _assert_uuid4(props_a.pop("delivery_tag"))
+    _assert_uuid4(props_b.pop("delivery_tag"))
+    assert props_a == props_b
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+Factory = Callable[..., dispatch.RedisDispatcher]
+
+
+@pytest.fixture
+def redis_client(broker_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(broker_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def dispatchers(broker_url: str) -> Iterator[Factory]:
+    """Builds ingestd's Redis dispatcher for this test's own Redis database."""
+    made: list[dispatch.Dispatcher] = []
+
+    def make(queue: str = "celery", mode: str = "each") -> dispatch.RedisDispatcher:
+        d = dispatch.create(Config(broker_url=broker_url, queue=queue, dispatch=mode))
+        made.append(d)
+        assert isinstance(d, dispatch.RedisDispatcher)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _drain(client: redis.Redis, key: str) -> list[bytes]:
+    """Every message in the queue list, oldest (next to be consumed by BRPOP) first."""
+    items: list[bytes] = client.lrange(key, 0, -1)
+    client.delete(key)
+    return items[::-1]
+
+
+def _compare_each(d: dispatch.RedisDispatcher, client: redis.Redis, queue: str,
+                  objs: list[dict[str, Any]], raws: list[bytes] | None = None,
+                  default_route: bool = False) -> None:
+    """send_task one task per object, publish the same with ingestd, compare in order."""
+    raws = raws if raws is not None else [orjson.dumps(o) for o in objs]
+    ids = [f"pulse_signals-{i % 3}-{1000 + i}" for i in range(len(objs))]
+    for task_id, obj in zip(ids, objs, strict=True):
+        if default_route:
+            d.app.send_task(EACH_TASK, args=[obj], kwargs={}, task_id=task_id)
+        else:
+            d.app.send_task(EACH_TASK, args=[obj], kwargs={}, task_id=task_id, queue=queue)
+    theirs = _drain(client, queue)
+    d.publish([dispatch.Task(task_id, "pulse_signals", [raw], [obj])
+               for task_id, raw, obj in zip(ids, raws, objs, strict=True)])
+    ours = _drain(client, queue)
+    assert len(ours) == len(theirs) == len(objs)
+    for mine, celery_s in zip(ours, theirs, strict=True):
+        assert_same_envelope(mine, celery_s)
+    for mine, task_id, obj in zip(ours, ids, objs, strict=True):
+        envelope = json.loads(mine)
+        assert envelope["headers"]["id"] == envelope["headers"]["root_id"] == task_id
+        assert envelope["headers"]["task"] == EACH_TASK
+        assert envelope["properties"]["correlation_id"] == task_id
+        assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
+        assert _decode_body(envelope) == [[obj], {}, EMBED]
+
+
+def _compare_batch(d: dispatch.RedisDispatcher, client: redis.Redis, queue: str,
+                   batches: list[list[dict[str, Any]]]) -> None:
+    ids = [f"pulse_signals-0-{10 * i}-{10 * i + len(b) - 1}" for i, b in enumerate(batches)]
+    for task_id, objs in zip(ids, batches, strict=True):
+        d.app.send_task(BATCH_TASK, args=[objs], kwargs={}, task_id=task_id, queue=queue)
+    theirs = _drain(client, queue)
+    d.publish([dispatch.Task(task_id, "pulse_signals", [orjson.dumps(o) for o in objs], objs)
+               for task_id, objs in zip(ids, batches, strict=True)])
+    ours = _drain(client, queue)
+    assert len(ours) == len(theirs) == len(batches)
+    for mine, celery_s, objs in zip(ours, theirs, batches, strict=True):
+        assert_same_envelope(mine, celery_s)
+        envelope = json.loads(mine)
+        assert envelope["headers"]["task"] == BATCH_TASK
+        assert _decode_body(envelope) == [[objs], {}, EMBED]
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("queue", ["celery", "ingestd-custom.q"])
+def test_redis_each_matches_send_task(dispatchers: Factory, redis_client: redis.Redis,
+                                      queue: str) -> None:
+    d = dispatchers(queue)
+    _compare_each(d, redis_client, queue, CURATED)
+
+
+@pytest.mark.stack
+def test_redis_default_queue_matches_unrouted_send_task(dispatchers: Factory,
+                                                        redis_client: redis.Redis) -> None:
+    """Default config vs send_task without any queue argument: both land in 'celery'."""
+    d = dispatchers()
+    assert d.key == "celery"
+    _compare_each(d, redis_client, "celery", CURATED, default_route=True)
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("queue", ["celery", "ingestd-custom.q"])
+def test_redis_batch_matches_send_task(dispatchers: Factory, redis_client: redis.Redis,
+                                       queue: str) -> None:
+    d = dispatchers(queue, "batch")
+    _compare_batch(d, redis_client, queue, [CURATED[:1], CURATED, CURATED[2:4]])
+
+
+@pytest.mark.stack
+def test_redis_forwards_record_bytes_verbatim(dispatchers: Factory,
+                                              redis_client: redis.Redis) -> None:
+    """Records need not be compact JSON: indented, non-ASCII bytes decode the same."""
+    d = dispatchers()
+    raws = [json.dumps(o, indent=2, ensure_ascii=False).encode() + b"\n" for o in CURATED]
+    _compare_each(d, redis_client, "celery", CURATED, raws=raws)
+    # and the body carries those exact bytes
+    d.publish([dispatch.Task("t-0-0", "t", [raws[2]], [CURATED[2]])])
+    (envelope,) = _drain(redis_client, "celery")
+    assert raws[2] in base64.b64decode(json.loads(envelope)["body"])
+
+
+_hyp = settings(max_examples=60, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# Fixtures run once per test, not per example: one dispatcher serves every example.
+
+
+@pytest.fixture
+def each_fuzz(dispatchers: Factory) -> dispatch.RedisDispatcher:
+    return dispatchers("fuzz-each")
+
+
+@pytest.fixture
+def batch_fuzz(dispatchers: Factory) -> dispatch.RedisDispatcher:
+    return dispatchers("fuzz-batch", "batch")
+
+
+@pytest.mark.stack
+@_hyp
+@given(objs=st.lists(json_objects | signals, min_size=1, max_size=3))
+def test_redis_each_matches_send_task_fuzzed(each_fuzz: dispatch.RedisDispatcher,
+                                             redis_client: redis.Redis,
+                                             objs: list[dict[str, Any]]) -> None:
+    _compare_each(each_fuzz, redis_client, "fuzz-each", objs)
+
+
+@pytest.mark.stack
+@_hyp
+@given(batches=st.lists(st.lists(json_objects | signals, min_size=1, max_size=4),
+                        min_size=1, max_size=2))
+def test_redis_batch_matches_send_task_fuzzed(batch_fuzz: dispatch.RedisDispatcher,
+                                              redis_client: redis.Redis,
+                                              batches: list[list[dict[str, Any]]]) -> None:
+    _compare_batch(batch_fuzz, redis_client, "fuzz-batch", batches)
+
+
+@pytest.mark.stack
+def test_redis_argsrepr_of_huge_integer_matches_worker_view(dispatchers: Factory,
+                                                            redis_client: redis.Redis) -> None:
+    """Integers beyond 64 bits stay exact in argsrepr, as in the worker's json.loads view."""
+    raw = b'{"name":"n","value":1,"source":"s","timestamp":1,"count":18446744073709551616}'
+    obj = Validator("signal", 1 << 20).check(raw)
+    d = dispatchers()
+    d.app.send_task(EACH_TASK, args=[json.loads(raw)], kwargs={}, task_id="t-0-1", queue="celery")
+    (theirs,) = _drain(redis_client, "celery")
+    d.publish([dispatch.Task("t-0-1", "t", [raw], [obj])])
+    (ours,) = _drain(redis_client, "celery")
+    assert_same_envelope(ours, theirs)
+
+
+@pytest.mark.stack
+def test_redis_deeply_nested_record_matches_send_task(dispatchers: Factory,
+                                                      redis_client: redis.Redis) -> None:
+    nested: Any = "leaf"
+    for i in range(150):
+        nested = [nested] if i % 2 else {"k": nested}
+    obj = {**CURATED[0], "nested": nested}
+    raw = json.dumps(obj).encode()
+    _compare_each(dispatchers(), redis_client, "celery", [Validator("signal", 1 << 20).check(raw)],
+                  raws=[raw])
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("depth", [300, 600, 900, 985, 1000, 10_000])
+def test_every_accepted_record_can_be_published(dispatchers: Factory, depth: int) -> None:
+    """Whatever the Validator accepts, publish() encodes: no RecursionError (a poison pill)."""
+    raw = orjson.dumps({**CURATED[0], "nested": 0})
+    raw = raw.replace(b'"nested":0}', b'"nested":' + b"[" * depth + b"]" * depth + b"}")
+    try:
+        obj = Validator("signal", 1 << 20).check(raw)
+    except RecordError:
+        return  # refused and dead-lettered: fine
+    d = dispatchers()
+    d.publish([dispatch.Task("t-0-0", "t", [raw], [obj])])
+    assert d.queue_depth() == 1
+
+
+# --- the fast repr and the delivery tags ------------------------------------------------------
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(args=st.lists(json_values, max_size=3) | st.builds(lambda o: [o], json_objects | signals))
+def test_argsrepr_equals_saferepr(args: list[Any]) -> None:
+    assert codec.argsrepr(args, 1024) == saferepr(args, 1024)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(args=st.builds(lambda o: [o], json_objects | signals), maxsize=st.integers(1, 300))
+def test_argsrepr_equals_saferepr_any_maxsize(args: list[Any], maxsize: int) -> None:
+    assert codec.argsrepr(args, maxsize) == saferepr(args, maxsize)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(obj=json_objects | signals)
+def test_argsrepr_shortcut_for_few_brackets(obj: dict[str, Any]) -> None:
+    """The caller may vouch for shallowness when the record text has at most two brackets."""
+    raw = orjson.dumps(obj)
+    assert codec.argsrepr([obj], 1024, codec.few_brackets(raw)) == saferepr([obj], 1024)
+
+
+@pytest.mark.parametrize("pad", range(1000, 1030))
+def test_argsrepr_at_the_truncation_boundary(pad: int) -> None:
+    """Around len(repr) == maxsize the fast path must hand over to saferepr exactly."""
+    args = [{"name": "n", "value": 1.5, "source": "s" * (pad - 60), "timestamp": 1}]
+    assert codec.argsrepr(args, 1024) == saferepr(args, 1024)
+
+
+@pytest.mark.parametrize("args", [
+    [{"a": {"b": {"c": 1}}}],
+    [{"a": {"b": {}}}],
+    [{"a": {"b": []}}],
+    [{"a": [[]]}],
+    [{"a": [[1, [2]]]}],
+    [{"tags": {"k": "v"}, "l": [1, 2]}],
+    [[{"a": 1}, {"b": {"c": {}}}]],
+    [[[[]]]],
+    [{"q": "it's"}, {"q": 'say "x"'}, {"q": "a\\b"}, {"q": "\x00"}, {"q": "é"}],
+    [{}],
+    [],
+    [None, True, False, 0, -0.0, 1e16, 1e-7, 2**64 - 1],
+])
+def test_argsrepr_edge_shapes(args: list[Any]) -> None:
+    assert codec.argsrepr(args, 1024) == saferepr(args, 1024)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])
+def test_delivery_tags_are_distinct_uuid4(n: int) -> None:
+    tags = codec.delivery_tags(n)
+    assert len(tags) == n
+    assert len(set(tags)) == n
+    for tag in tags:
+        _assert_uuid4(tag)
+
+
+def test_delivery_tags_differ_between_calls() -> None:
+    assert not set(codec.delivery_tags(100)) & set(codec.delivery_tags(100))
+
+
+# --- AMQP (RabbitMQ) --------------------------------------------------------------------------
+
+AMQP_PROPERTIES = ("content_type", "content_encoding", "correlation_id", "reply_to",
+                   "delivery_mode", "priority")
+
+
+@pytest.fixture
+def amqp_queue() -> Iterator[str]:
+    """A unique queue name on RabbitMQ; the queue and its exchange are deleted afterwards."""
+    name = f"ingestd-test-{uuid.uuid4().hex[:12]}"
+    try:
+        with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ is not reachable at {stack.RABBITMQ_URL} ({exc}); "
+                    "run scripts/stack up --with-rabbitmq")
+    yield name
+    with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        channel.queue_delete(name)
+        channel.exchange_delete(name)
+
+
+@pytest.fixture
+def amqp_dispatchers() -> Iterator[Callable[..., dispatch.AmqpDispatcher]]:
+    made: list[dispatch.Dispatcher] = []
+
+    def make(queue: str, mode: str = "each") -> dispatch.AmqpDispatcher:
+        d = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, queue=queue, dispatch=mode))
+        made.append(d)
+        assert isinstance(d, dispatch.AmqpDispatcher)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.fixture
+def amqp_each(amqp_dispatchers: Callable[..., dispatch.AmqpDispatcher],
+              amqp_queue: str) -> dispatch.AmqpDispatcher:
+    return amqp_dispatchers(amqp_queue)
+
+
+def _amqp_fetch(queue: str, n: int) -> list[Any]:
+    out = []
+    with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+        q = Queue(queue, channel=conn.default_channel)
+        for _ in range(n):
+            message = q.get(no_ack=True)
+            assert message is not None, f"queue {queue} holds fewer than {n} messages"
+            out.append(message)
+        assert q.get(no_ack=True) is None, f"queue {queue} holds more than {n} messages"
+    return out
+
+
+def _assert_same_amqp(ours: Any, theirs: Any) -> None:
+    assert json.loads(ours.body) == json.loads(theirs.body)
+    assert ours.headers == theirs.headers
+    for key in AMQP_PROPERTIES:
+        assert ours.properties.get(key) == theirs.properties.get(key), key
+    assert ours.properties == theirs.properties  # nothing else set on either side
+    for key in ("exchange", "routing_key"):
+        assert ours.delivery_info[key] == theirs.delivery_info[key], key
+
+
+def _amqp_compare(d: dispatch.AmqpDispatcher, queue: str, task: str,
+                  args_list: list[list[Any]], tasks: list[dispatch.Task]) -> None:
+    for args, t in zip(args_list, tasks, strict=True):
+        d.app.send_task(task, args=args, kwargs={}, task_id=t.task_id, queue=queue)
+    theirs = _amqp_fetch(queue, len(tasks))
+    d.publish(tasks)
+    ours = _amqp_fetch(queue, len(tasks))
+    for mine, celery_s, t in zip(ours, theirs, tasks, strict=True):
+        _assert_same_amqp(mine, celery_s)
+        assert mine.properties["correlation_id"] == mine.headers["id"] == t.task_id
+        assert mine.delivery_info["routing_key"] == queue
+
+
+@pytest.mark.amqp
+def test_amqp_each_matches_send_task(amqp_dispatchers: Callable[..., dispatch.AmqpDispatcher],
+                                     amqp_queue: str) -> None:
+    d = amqp_dispatchers(amqp_queue)
+    tasks = [dispatch.Task(f"t-0-{i}", "t", [orjson.dumps(o)], [o]) for i, o in enumerate(CURATED)]
+    _amqp_compare(d, amqp_queue, EACH_TASK, [[o] for o in CURATED], tasks)
+    # a second batch on the same confirm-mode channel is acked and delivered as well
+    d.publish(tasks[:2])
+    assert [json.loads(m.body)[0] for m in _amqp_fetch(amqp_queue, 2)] == [[o] for o in CURATED[:2]]
+
+
+@pytest.mark.amqp
+def test_amqp_batch_matches_send_task(amqp_dispatchers: Callable[..., dispatch.AmqpDispatcher],
+                                      amqp_queue: str) -> None:
+    d = amqp_dispatchers(amqp_queue, "batch")
+    batches = [CURATED[:1], CURATED, CURATED[2:4]]
+    tasks = [dispatch.Task(f"t-0-{i}-{i + len(b)}", "t", [orjson.dumps(o) for o in b], b)
+             for i, b in enumerate(batches)]
+    _amqp_compare(d, amqp_queue, BATCH_TASK, [[b] for b in batches], tasks)
+
+
+@pytest.mark.amqp
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(objs=st.lists(json_objects | signals, min_size=1, max_size=3))
+def test_amqp_each_matches_send_task_fuzzed(amqp_each: dispatch.AmqpDispatcher,
+                                            amqp_queue: str,
+                                            objs: list[dict[str, Any]]) -> None:
+    d = amqp_each
+    tasks = [dispatch.Task(f"t-1-{i}", "t", [orjson.dumps(o)], [o]) for i, o in enumerate(objs)]
+    _amqp_compare(d, amqp_queue, EACH_TASK, [[o] for o in objs], tasks)
