@@ -29,11 +29,13 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         # A restarted worker gets its own partitions back without moving others'.
         "partition.assignment.strategy": "cooperative-sticky",
-        # Bounded prefetch: memory stays flat however large the lag is
-        # (librdkafka's default is 64 MiB per consumer).
+        # Bounded prefetch: memory stays flat however large the lag is. The
+        # limit is per consumer (librdkafka's default is 64 MiB). The default
+        # queued.min.messages (100,000 per partition) stays: lowering it to
+        # 20,000 starved the fetcher and cut throughput fourfold here.
         "queued.max.messages.kbytes": 32768,
-        "queued.min.messages": 20000,
-        # Large fetches amortise round trips when there is lag.
+        # A fetch returns as soon as there is data, or after 100 ms, so an
+        # idle topic costs few round trips and a busy one waits for nothing.
         "fetch.min.bytes": 1,
         "fetch.wait.max.ms": 100,
         # Consumer lag for the metrics comes from librdkafka's statistics.
