@@ -10,7 +10,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ingestd import logs
+from ingestd import logs, metrics
 
 log = logs.get("http")
 
@@ -26,7 +26,9 @@ def serve(addr: str, alive: Callable[[], bool],
             if path == "/metrics":
                 registry = CollectorRegistry()  # fresh per scrape, as multiprocess mode wants
                 MultiProcessCollector(registry)
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                with metrics.files_lock:
+                    body = generate_latest(registry)
+                self._send(200, body, CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 ok = alive()
                 self._send(200 if ok else 503, b"ok\n" if ok else b"supervisor loop stalled\n")

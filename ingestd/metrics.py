@@ -6,7 +6,11 @@ supervisor sets it (and wipes the folder) before the first fork.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, multiprocess
+from prometheus_client.mmap_dict import MmapedDict
 
 consumed = Counter("ingestd_messages_consumed_total", "Records consumed from Kafka", ["topic"])
 dispatched = Counter("ingestd_messages_dispatched_total",
@@ -32,3 +36,39 @@ backpressure_paused = Gauge("ingestd_backpressure_paused",
 workers_alive = Gauge("ingestd_workers_alive", "Worker processes alive",
                       multiprocess_mode="livemax")
 worker_restarts = Counter("ingestd_worker_restarts_total", "Workers replaced after they died")
+
+
+# --- dead processes ------------------------------------------------------------
+
+# Held while a scrape reads the files and while a dead process's files are
+# folded into the archive, so that no scrape sees them twice or half-gone.
+files_lock = threading.Lock()
+ARCHIVE_ID = "archive"
+
+
+def archive_dead_process(pid: int) -> None:
+    """Fold a reaped worker's counters and histograms into one archive file per type.
+
+    Without this every restart leaves files behind that every scrape reads
+    again; with it the folder holds one file per live process plus the
+    archive, and no count is lost. Live gauges of the dead process go away
+    (``mark_process_dead``).
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    with files_lock:
+        multiprocess.mark_process_dead(pid, directory)
+        for kind in ("counter", "histogram"):
+            dead = os.path.join(directory, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            archive = MmapedDict(os.path.join(directory, f"{kind}_{ARCHIVE_ID}.db"))
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
+                    current = archive.read_value(key)  # (value, timestamp) in 0.20 and later
+                    current = current[0] if isinstance(current, tuple) else current
+                    archive.write_value(key, current + value, timestamp)
+            finally:
+                archive.close()
+            os.remove(dead)

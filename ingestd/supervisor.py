@@ -316,10 +316,9 @@ def _describe_exit(code: int) -> str:
 
 
 def _mark_dead(pid: int) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    from ingestd import metrics
 
-        multiprocess.mark_process_dead(pid)
+    metrics.archive_dead_process(pid)
 
 
 def _count_restart() -> None:
