@@ -23,6 +23,7 @@ from ingestd import logs
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
 from ingestd.heartbeat import READY, STARTING, Heartbeat
+from ingestd.systemd import Notifier
 
 log = logs.get("supervisor")
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
@@ -56,6 +57,7 @@ class Supervisor:
         self.draining_until: float | None = None
         self.last_loop = time.monotonic()
         self.restarts = 0
+        self.systemd = Notifier()
         self._pipe_r, self._pipe_w = os.pipe()
         os.set_blocking(self._pipe_r, False)
         os.set_blocking(self._pipe_w, False)
@@ -107,8 +109,21 @@ class Supervisor:
             else:
                 self.check_heartbeats()
                 self.reconcile()
+                self.notify_systemd()
+            self.systemd.watchdog()
             self.sleep()
         return self.exit_code
+
+    def notify_systemd(self) -> None:
+        """READY=1 once every worker has booted; STATUS= whenever the summary changes."""
+        ready, problems = self.readiness()
+        booted = len(self.workers) == self.target and all(
+            h.heartbeat.status() != STARTING for h in self.workers.values())
+        summary = (f"{self.target - len(problems)}/{self.target} workers ready"
+                   + ("" if ready else f"; worker {min(problems)}: {problems[min(problems)]}"))
+        if booted:
+            self.systemd.ready(summary[:200])
+        self.systemd.status(summary[:200])
 
     def sleep(self) -> None:
         try:
@@ -202,7 +217,7 @@ class Supervisor:
             return
         log.info("draining %d workers (up to %.0fs)", len(self.workers), self.config.drain_timeout)
         self.draining_until = time.monotonic() + self.config.drain_timeout
-        self.clean = True
+        self.systemd.stopping()
         for handle in self.workers.values():
             handle.stopping_since = time.monotonic()
             _kill(handle.pid, signal.SIGTERM)
