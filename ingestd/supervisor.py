@@ -39,8 +39,8 @@ class WorkerHandle:
     pid: int
     heartbeat: Heartbeat
     started: float = field(default_factory=time.monotonic)
+    generation: int = 0  # HUP replaces the workers of older generations
     stopping_since: float | None = None
-    kill_sent: bool = False
 
 
 class Supervisor:
@@ -57,6 +57,9 @@ class Supervisor:
         self.draining_until: float | None = None
         self.last_loop = time.monotonic()
         self.restarts = 0
+        self.generation = 0
+        self.rolling: list[int] = []  # slots a HUP has yet to replace
+        self.drain_failed = False
         self.systemd = Notifier()
         self._pipe_r, self._pipe_w = os.pipe()
         os.set_blocking(self._pipe_r, False)
@@ -108,6 +111,7 @@ class Supervisor:
                     break
             else:
                 self.check_heartbeats()
+                self.roll()
                 self.reconcile()
                 self.notify_systemd()
             self.systemd.watchdog()
@@ -148,7 +152,7 @@ class Supervisor:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        self.workers[slot] = WorkerHandle(slot, pid, heartbeat)
+        self.workers[slot] = WorkerHandle(slot, pid, heartbeat, generation=self.generation)
         log.info("worker %d started (pid %d)", slot, pid)
 
     def reap(self) -> None:
@@ -169,6 +173,8 @@ class Supervisor:
             _mark_dead(pid)
             if handle.stopping_since is not None or self.draining_until is not None:
                 log.info("worker %d (pid %d) exited with %d", handle.slot, pid, code)
+                if self.draining_until is not None and code != ExitCode.OK:
+                    self.drain_failed = True
                 continue
             if code == ExitCode.BOOT or code == ExitCode.CONFIG:
                 log.error("worker %d could not boot (exit %d); stopping", handle.slot, code)
@@ -225,8 +231,8 @@ class Supervisor:
     def check_drain(self) -> None:
         assert self.draining_until is not None
         if not self.workers:
-            log.info("stopped")
-            self.exit_code = ExitCode.OK
+            log.info("stopped" if not self.drain_failed else "stopped; a worker did not drain")
+            self.exit_code = ExitCode.RUNTIME if self.drain_failed else ExitCode.OK
         elif time.monotonic() > self.draining_until:
             log.error("drain timeout: killing %d workers", len(self.workers))
             self.stop_now(ExitCode.RUNTIME)
@@ -254,6 +260,7 @@ class Supervisor:
                     _kill(handle.pid, signal.SIGTERM)
 
     def reload(self) -> None:
+        """HUP: re-read the configuration, then replace the workers one at a time."""
         try:
             loaded = self.reload_config()
         except IngestdError as exc:
@@ -262,22 +269,24 @@ class Supervisor:
         log.info("HUP: configuration reloaded; replacing workers one at a time")
         self.loaded, self.config = loaded, loaded.config
         self.target = self.config.workers
-        for slot in sorted(self.workers):
+        self.generation += 1
+        self.rolling = sorted(slot for slot in self.workers if slot < self.target)
+
+    def roll(self) -> None:
+        """One step of a HUP: stop the next old worker; move on once its successor booted."""
+        while self.rolling:
+            slot = self.rolling[0]
             handle = self.workers.get(slot)
             if handle is None:
-                continue
-            handle.stopping_since = time.monotonic()
-            _kill(handle.pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.config.drain_timeout
-            while slot in self.workers and time.monotonic() < deadline:
-                time.sleep(0.05)
-                self.reap()
-            if slot in self.workers:
-                _kill(handle.pid, signal.SIGKILL)
-                os.waitpid(handle.pid, 0)
-                self.workers.pop(slot, None)
-                _mark_dead(handle.pid)
-            self.spawn(slot)
+                return  # reconcile() starts its successor
+            if handle.generation < self.generation:
+                if handle.stopping_since is None:
+                    handle.stopping_since = time.monotonic()
+                    _kill(handle.pid, signal.SIGTERM)
+                return
+            if handle.heartbeat.status() == STARTING:
+                return
+            self.rolling.pop(0)
 
     # --- read by the HTTP server ------------------------------------------
 
@@ -307,14 +316,18 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat) -> int:
 
     try:
         worker = Worker(config, slot, heartbeat.beat)
-    except IngestdError as exc:
-        log.error("%s", exc)
-        return ExitCode.BOOT if exc.exit_code != ExitCode.RUNTIME else ExitCode.RUNTIME
+    except Exception as exc:
+        log.error("worker %d cannot boot: %s", slot, exc,
+                  exc_info=not isinstance(exc, IngestdError))
+        return ExitCode.BOOT
     try:
         worker.run()
     except IngestdError as exc:
         log.error("%s", exc)
         return int(exc.exit_code)
+    except Exception:
+        log.exception("worker crashed")
+        return ExitCode.RUNTIME
     return ExitCode.OK
 
 
