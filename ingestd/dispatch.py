@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
+import redis
 from celery import Celery
 from kombu.connection import Connection
 
@@ -36,8 +37,15 @@ class Task(NamedTuple):
 
 
 class Dispatcher(Protocol):
-    def publish(self, tasks: Sequence[Task]) -> None:
-        """Return once the broker accepted every task; raise DispatchError otherwise."""
+    """Not thread-safe: one thread at a time (the worker keeps a second one for probes)."""
+
+    def prepare(self, tasks: Sequence[Task]) -> Any:
+        """Build the messages: CPU work only, no network."""
+
+    def send(self, prepared: Any) -> None:
+        """Return once the broker accepted every message; raise DispatchError otherwise."""
+
+    def publish(self, tasks: Sequence[Task]) -> None: ...
 
     def queue_depth(self) -> int: ...
 
@@ -106,6 +114,9 @@ class _Base:
     def close(self) -> None:
         self._reset()
 
+    def publish(self, tasks: Sequence[Task]) -> None:
+        self.send(self.prepare(tasks))  # type: ignore[attr-defined]
+
     def ping(self) -> None:
         try:
             self._declare()
@@ -122,23 +133,49 @@ class RedisDispatcher(_Base):
                                 "ingestd publishes to direct queues only")
         self.key = captured.routing_key
         self.envelopes = codec.RedisEnvelopes(self.builder)
+        self._conn: Any = None
+        # Packing is pure (no I/O): a connection object that never connects does it.
+        self._packer = redis.Connection()
 
-    def encode(self, tasks: Sequence[Task]) -> list[bytes]:
+    def prepare(self, tasks: Sequence[Task]) -> list[bytes]:
+        """The whole LPUSH command, packed by redis-py: the in-flight thread then only
+        writes it and reads the reply, and barely needs the GIL."""
         tags = codec.delivery_tags(len(tasks))
         enc = self.envelopes.encode
         batch = self.batch
-        return [enc(t.task_id, t.raws, _args(t, batch), batch, tag)
-                for t, tag in zip(tasks, tags, strict=True)]
+        messages = [enc(t.task_id, t.raws, _args(t, batch), batch, tag)
+                    for t, tag in zip(tasks, tags, strict=True)]
+        if not messages:
+            return []
+        packed: list[bytes] = self._packer.pack_command("LPUSH", self.key, *messages)
+        return packed
 
-    def publish(self, tasks: Sequence[Task]) -> None:
-        if not tasks:
+    def send(self, packed: list[bytes]) -> None:
+        if not packed:
             return
-        messages = self.encode(tasks)
         try:
-            self._declare().client.lpush(self.key, *messages)
+            conn = self._lpush_conn()
+            conn.send_packed_command(packed, check_health=False)
+            reply = conn.read_response()
         except Exception as exc:
             self._reset()
             raise _error("redis LPUSH failed", exc) from exc
+        if isinstance(reply, Exception):
+            raise _error("redis refused LPUSH", reply)
+
+    def _lpush_conn(self) -> Any:
+        """A connection of the dispatcher's own, taken once from kombu's client pool."""
+        if self._conn is None:
+            client = self._declare().client
+            self._conn = client.connection_pool.get_connection()
+        return self._conn
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.disconnect()
+            self._conn = None
+        super()._reset()
 
     def queue_depth(self) -> int:
         try:
@@ -172,7 +209,10 @@ class AmqpDispatcher(_Base):
         self._nacked += 1
         self._acked = max(self._acked, tag)
 
-    def publish(self, tasks: Sequence[Task]) -> None:
+    def prepare(self, tasks: Sequence[Task]) -> Sequence[Task]:
+        return tasks  # amqp.Message objects come from the channel, in send()
+
+    def send(self, tasks: Sequence[Task]) -> None:
         if not tasks:
             return
         c = self.captured

@@ -1,9 +1,11 @@
 """One worker process: Kafka → validated signals → Celery tasks, at-least-once.
 
 The loop reads top to bottom: consume → decode/validate → build messages →
-publish → store offsets. An offset is stored only after every record at or
-below it was accepted by the Celery broker or delivered to the dead-letter
-topic, and a batch's offsets are committed before the next batch is published.
+publish → store offsets. Publishing, storing and committing a batch run on the
+in-flight thread (:mod:`ingestd.inflight`) while this one consumes and builds
+the next batch. An offset is stored only after every record at or below it
+was accepted by the Celery broker or delivered to the dead-letter topic, and
+a batch's offsets are committed before the next batch is published.
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from ingestd import dispatch, kafka, logs
 from ingestd.assignment import Assignment
+from ingestd.backpressure import QueueWatch
 from ingestd.config import Config
 from ingestd.dlq import DeadLetter, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
 from ingestd.heartbeat import READY
-from ingestd.offsets import Committer
+from ingestd.inflight import InFlight
 from ingestd.schema import Validator
 
 log = logs.get("worker")
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
-BACKPRESSURE_CHECK_INTERVAL = 0.25
 RETRY_INITIAL_BACKOFF = 0.1
+# The in-flight thread needs the GIL to start and to finish its round trips;
+# at the default 5 ms switch interval that wait alone would rival them.
 SWITCH_INTERVAL = 0.0005
-BROKER_PROBE_INTERVAL = 2.0
+DRAIN_SHARE = 0.8  # of --drain-timeout, spent retrying an unsent batch after a stop
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Batch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to consume
     consumed: dict[str, int] = field(default_factory=dict)  # per topic
     oldest_ms: int = 0
+    messages: Any = None  # what the dispatcher built from ``tasks``
+    letters_sent: bool = False  # a retry must not send them again
 
 
 class Worker:
@@ -56,8 +62,11 @@ class Worker:
         self.slot = slot
         self.beat = beat or (lambda status: None)
         self.stopping = False
+        self.give_up_at = float("inf")
         self.paused_by: set[str] = set()
         self.fatal: KafkaError | None = None
+        self.broker_error = ""
+        self.status = ""
         self.validator = Validator(config.schema, config.max_record_bytes)
         self.dispatcher = dispatch.create(config)
         self.task_name = config.batch_task if config.dispatch == "batch" else config.task
@@ -68,19 +77,14 @@ class Worker:
         self.invalid_log = logs.RateLimited(logs.get("invalid_record"))
         self.kafka_log = logs.RateLimited(logs.get("kafka"))
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
-        self._next_depth_check = 0.0
-        self._queue_depth = 0  # last answer plus what was published since
         props = kafka.consumer_config(config, slot)
-        props["error_cb"] = self._on_kafka_error
-        props["stats_cb"] = self._on_stats
-        props["logger"] = LIBRDKAFKA_LOG
+        props.update(error_cb=self._on_kafka_error, stats_cb=self._on_stats,
+                     logger=LIBRDKAFKA_LOG)
         self.consumer = Consumer(props)
-        self.committer = Committer(self.consumer, self._on_commit_error)
-        self.assignment = Assignment(self.consumer, config, slot, self.committer.commit_now,
+        self.inflight: InFlight[Batch] = InFlight()
+        self.assignment = Assignment(self.consumer, config, slot, self._commit_on_revoke,
                                      self._update_status)
-        self.broker_error = ""
-        self.status = ""
-        self._last_broker_contact = time.monotonic()
+        self.watch = QueueWatch(config, self._backpressure, self._broker_state)
         from ingestd import metrics  # after fork: PROMETHEUS_MULTIPROC_DIR is set by now
 
         self.metrics = metrics
@@ -91,9 +95,6 @@ class Worker:
         """Consume until asked to stop, then drain: publish, store, commit, leave."""
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
-        # The committer thread needs the GIL to start and to finish a commit;
-        # at the default 5 ms switch interval that alone would double the
-        # wait before the next publish.
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.assignment.start()
         self._update_status()
@@ -102,19 +103,23 @@ class Worker:
             while not self.stopping:
                 self.beat(self.status)
                 self.assignment.refresh()
-                self._check_broker()
+                self.watch.check()
                 messages = self.consumer.consume(n, timeout)
                 if not messages:
                     self._check_fatal()
+                    self.settle()
                     continue
                 batch = self.decode(messages)
-                if self.deliver(batch):
-                    self.store(batch)
+                batch.messages = self.dispatcher.prepare(batch.tasks)
+                self.settle()
+                self.watch.handed_over(len(batch.tasks))
+                self.inflight.submit(batch, self.publish_and_store)
+            self.settle()
         finally:
             self.close()
 
     def decode(self, messages: list[Message]) -> Batch:
-        """Validate each record; build a task for each valid one, a dead letter for the rest."""
+        """Validate each record; a task for each valid one, a dead letter for the rest."""
         batch = Batch()
         # Bound to locals: this loop runs once per record.
         check = self.validator.check
@@ -156,45 +161,20 @@ class Worker:
         batch.oldest_ms = oldest
         return batch
 
-    def deliver(self, batch: Batch) -> bool:
-        """Dead letters to Kafka, tasks to the Celery broker; retried until both are accepted.
-
-        Returns False when a stop cut the retries short (nothing is stored then).
-        """
-        letters, tasks = batch.letters, batch.tasks
-        attempt = 0
-        self.committer.wait()
-        while True:
-            try:
-                if letters and self.dlq is not None:
-                    self.dlq.send(letters)
-                    letters = []
-                started = time.perf_counter()
-                self.dispatcher.publish(tasks)
-                self.metrics.dispatch_seconds.observe(time.perf_counter() - started)
-                self._queue_depth += len(tasks)
-                break
-            except DispatchError as exc:
-                delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
-                delay *= random.uniform(0.5, 1.0)
-                attempt += 1
-                self.broker_log.warning("%s; retrying in %.1fs (attempt %d), partitions paused",
-                                        exc, delay, attempt)
-                self._broker_down(exc)
-                self._pause("broker")
-                if not self._wait(delay) and self.stopping:
-                    return False
-        self._broker_up()
-        self._resume("broker")
+    def publish_and_store(self, batch: Batch) -> None:
+        """On the in-flight thread: dead letters, then tasks, then offsets; raises
+        DispatchError (nothing stored) when either is refused."""
+        if batch.letters and self.dlq is not None and not batch.letters_sent:
+            self.dlq.send(batch.letters)
+            batch.letters_sent = True
+        started = time.perf_counter()
+        self.dispatcher.send(batch.messages)
+        self.metrics.dispatch_seconds.observe(time.perf_counter() - started)
         self._count(batch)
-        return True
+        self.store(batch)
 
     def store(self, batch: Batch) -> None:
-        """Store the next offset of every partition in the batch and commit in the background.
-
-        :meth:`deliver` waits for that commit before it publishes the next batch,
-        so a crash repeats at most the batch in flight.
-        """
+        """Store the next offset of every partition in the batch, and commit it."""
         offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
         if not offsets:
             return
@@ -204,15 +184,119 @@ class Worker:
             # A partition revoked while the batch was in flight: its new owner
             # repeats these records, so there is nothing to store here.
             log.info("offsets not stored (%s)", exc.args[0].str())
-        self.committer.request()
+        self.commit()
 
-    def _on_commit_error(self, err: KafkaError) -> None:
-        self.metrics.commit_failures.inc()
-        self.kafka_log.warning("offset commit failed: %s", err.str())
+    # --- the batch in flight ----------------------------------------------
 
-    # --- helpers ----------------------------------------------------------
+    def settle(self) -> None:
+        """Wait for the batch in flight; if the broker refused it, retry it here until it
+        is accepted, keeping the partitions paused and the group membership alive."""
+        done = self.inflight.wait()
+        if done is not None:
+            self.watch.accepted(len(done.tasks))
+            self._broker_state(None)
+        failed = self.inflight.take_failed()
+        if failed is None:
+            return
+        batch, exc = failed
+        attempt = 0
+        self._pause("broker", True)
+        while True:
+            delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
+            delay *= random.uniform(0.5, 1.0)
+            attempt += 1
+            self.broker_log.warning("%s; retrying in %.1fs (attempt %d), partitions paused",
+                                    exc, delay, attempt)
+            self._broker_state(exc)
+            if not self._wait(delay):
+                log.warning("stopping with a batch the broker did not accept; its records "
+                            "were not committed and will be consumed again")
+                return
+            try:
+                self.publish_and_store(batch)
+                break
+            except DispatchError as again:
+                exc = again
+        self.watch.accepted(len(batch.tasks))
+        self._broker_state(None)
+        self._pause("broker", False)
+
+    def _wait(self, seconds: float) -> bool:
+        """Serve Kafka (group membership, callbacks) for ``seconds`` while paused.
+        False when a stop leaves no more time to retry."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if time.monotonic() > self.give_up_at:
+                return False
+            self.beat(self.status)
+            for msg in self.consumer.consume(self.config.batch_size, min(left, 0.5)):
+                # Paused partitions deliver nothing; should one slip through,
+                # rewind so it is consumed again after the resume.
+                if msg.error() is None:
+                    self.consumer.seek(TopicPartition(*cast(tuple[str, int, int], (
+                        msg.topic(), msg.partition(), msg.offset()))))
+            self._check_fatal()
+        return True
+
+    def commit(self) -> None:
+        """Commit the stored offsets synchronously; nothing stored is not an error."""
+        try:
+            self.consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() != KafkaError._NO_OFFSET:
+                self.metrics.commit_failures.inc()
+                self.kafka_log.warning("offset commit failed: %s", err.str())
+
+    def _commit_on_revoke(self) -> None:
+        done = self.inflight.wait()  # its offsets are stored before the partitions go
+        if done is not None:
+            self.watch.accepted(len(done.tasks))
+        self.commit()
+
+    # --- state ------------------------------------------------------------
+
+    def _pause(self, why: str, on: bool) -> None:
+        """Pause the assigned partitions while any reason (broker, backpressure) holds."""
+        before = bool(self.paused_by)
+        if on:
+            self.paused_by.add(why)
+        else:
+            self.paused_by.discard(why)
+        if before != bool(self.paused_by):
+            tps = self.consumer.assignment()
+            if self.paused_by:
+                self.consumer.pause(tps)
+            else:
+                self.consumer.resume(tps)
+
+    def _backpressure(self, on: bool) -> None:
+        self._pause("backpressure", on)
+        self.metrics.backpressure_paused.set(1 if on else 0)
+
+    def _broker_state(self, exc: DispatchError | None) -> None:
+        error = f"celery broker unreachable: {exc}"[:300] if exc else ""
+        if error == self.broker_error:
+            return
+        if exc is None:
+            log.info("celery broker reachable again")
+        else:
+            self.broker_log.warning("%s", exc)
+        self.broker_error = error
+        self._update_status()
+
+    def _update_status(self) -> None:
+        """The status line the supervisor reads for /readyz: ``ready`` or why not."""
+        if self.broker_error:
+            self.status = self.broker_error
+        elif not self.assignment.joined:
+            self.status = "waiting for partition assignment"
+        else:
+            self.status = READY
+        self.beat(self.status)
 
     def _count(self, batch: Batch) -> None:
+        """Metrics, once per batch (not per record), and the rate-limited invalid log."""
         m = self.metrics
         for topic, n in batch.consumed.items():
             m.consumed.labels(topic).inc(n)
@@ -236,89 +320,7 @@ class Worker:
         if batch.oldest_ms and batch.tasks:
             m.end_to_end_latency.observe(max(0.0, time.time() - batch.oldest_ms / 1000))
 
-    def _wait(self, seconds: float) -> bool:
-        """Serve Kafka (group membership, callbacks) for ``seconds`` while paused."""
-        deadline = time.monotonic() + seconds
-        while not self.stopping and (left := deadline - time.monotonic()) > 0:
-            self.beat(self.status)
-            for msg in self.consumer.consume(self.config.batch_size, min(left, 0.5)):
-                # Paused partitions deliver nothing; should one slip through,
-                # rewind so it is consumed again after the resume.
-                if msg.error() is None:
-                    self.consumer.seek(TopicPartition(*cast(tuple[str, int, int], (
-                        msg.topic(), msg.partition(), msg.offset()))))
-            self._check_fatal()
-        return not self.stopping
-
-    def _pause(self, why: str) -> None:
-        if why not in self.paused_by:
-            if not self.paused_by:
-                self.consumer.pause(self.consumer.assignment())
-            self.paused_by.add(why)
-
-    def _resume(self, why: str) -> None:
-        if why in self.paused_by:
-            self.paused_by.discard(why)
-            if not self.paused_by:
-                self.consumer.resume(self.consumer.assignment())
-
-    def _check_broker(self) -> None:
-        """Ask the Celery queue's depth now and then: for backpressure, and to notice a
-        broker that went away while there was nothing to publish."""
-        now = time.monotonic()
-        limit = self.config.max_queue_depth
-        due = (now >= self._next_depth_check and
-               (limit or now - self._last_broker_contact >= BROKER_PROBE_INTERVAL))
-        if due:
-            self._next_depth_check = now + (BACKPRESSURE_CHECK_INTERVAL if limit
-                                            else BROKER_PROBE_INTERVAL)
-            try:
-                self._queue_depth = self.dispatcher.queue_depth()
-            except DispatchError as exc:
-                self.broker_log.warning("%s", exc)
-                self._broker_down(exc)
-                return
-            self._broker_up()
-        if limit:
-            self._check_backpressure()
-
-    def _check_backpressure(self) -> None:
-        """Pause while the Celery queue holds more than ``--max-queue-depth`` tasks.
-
-        The queue is asked at most every BACKPRESSURE_CHECK_INTERVAL; between two
-        asks, what this worker published is added to the last answer, so a fast
-        worker does not overshoot by a whole interval's worth.
-        """
-        limit, depth = self.config.max_queue_depth, self._queue_depth
-        if depth > limit and "backpressure" not in self.paused_by:
-            log.info("queue %s holds %d > %d tasks: pausing", self.config.queue, depth, limit)
-            self._pause("backpressure")
-            self.metrics.backpressure_paused.set(1)
-        elif depth < 0.8 * limit and "backpressure" in self.paused_by:
-            log.info("queue %s holds %d tasks: resuming", self.config.queue, depth)
-            self._resume("backpressure")
-            self.metrics.backpressure_paused.set(0)
-
-    def _broker_down(self, exc: DispatchError) -> None:
-        self.broker_error = f"celery broker unreachable: {exc}"[:300]
-        self._update_status()
-
-    def _broker_up(self) -> None:
-        self._last_broker_contact = time.monotonic()
-        if self.broker_error:
-            log.info("celery broker reachable again")
-            self.broker_error = ""
-            self._update_status()
-
-    def _update_status(self) -> None:
-        """The status line the supervisor reads for /readyz: ``ready`` or why not."""
-        if self.broker_error:
-            self.status = self.broker_error
-        elif not self.assignment.joined:
-            self.status = "waiting for partition assignment"
-        else:
-            self.status = READY
-        self.beat(self.status)
+    # --- Kafka callbacks and signals ---------------------------------------
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -348,13 +350,16 @@ class Worker:
                     gauge.labels(topic, pid).set(lag)
 
     def _on_stop(self, signum: int, _frame: Any) -> None:
-        self.stopping = True
+        if not self.stopping:
+            self.stopping = True
+            self.give_up_at = time.monotonic() + DRAIN_SHARE * self.config.drain_timeout
 
     def close(self) -> None:
         """Commit what was stored and leave the group."""
-        self.committer.commit_now()
-        self.committer.close()
+        self.inflight.close()
+        self.commit()
         self.consumer.close()
         if self.dlq is not None:
             self.dlq.close()
+        self.watch.close()
         self.dispatcher.close()
