@@ -22,13 +22,14 @@ def table(data: dict[str, Any]) -> str:
     base = found.get(ROWS[0][0], {}).get("steady_signals_per_s")
     raw = found.get(ROWS[1][0], {}).get("steady_signals_per_s")
     lines = ["| pipeline | records | signals/s (whole run) | signals/s (steady) | "
-             "× old script | ÷ raw pipe | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "vs old script | share of raw pipe | peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, label in ROWS:
         info = found.get(name)
         if info is None:
             continue
         steady = info["steady_signals_per_s"]
-        times = f"{steady / base:.0f}×" if base else ""
+        times = f"{steady / base:.0f}x" if base else ""
         share = f"{steady / raw:.2f}" if raw else ""
         rss = f"{info['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in info else ""
         lines.append(f"| {label} | {info['records']:,} | {info['signals_per_s']:,} | "
