@@ -14,6 +14,7 @@ import binascii
 import operator
 import os
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,19 +118,17 @@ def _shallow(args: list[Any]) -> bool:
 
 
 def delivery_tags(n: int) -> list[str]:
-    """``n`` random version-4 UUID strings, as kombu gives each message a ``delivery_tag``.
+    """``n`` distinct version-4 UUID strings, one per message, as kombu's ``delivery_tag``.
 
-    ``str(uuid.uuid4())`` costs about 3 microseconds; this costs a tenth of that.
+    kombu calls ``str(uuid.uuid4())`` per message (about 3 microseconds). Here
+    one random UUID per batch gives the first 80 bits; the last 48 count up
+    from a random start. The tags are unique within the batch and as unlikely
+    to meet another batch's as random UUIDs are; the worker uses them only as
+    keys while a message is unacknowledged.
     """
-    out = []
-    raw = bytearray(os.urandom(16 * n))
-    for i in range(0, 16 * n, 16):
-        raw[i + 6] = (raw[i + 6] & 0x0F) | 0x40
-        raw[i + 8] = (raw[i + 8] & 0x3F) | 0x80
-    h = raw.hex()
-    for i in range(0, 32 * n, 32):
-        out.append(f"{h[i:i+8]}-{h[i+8:i+12]}-{h[i+12:i+16]}-{h[i+16:i+20]}-{h[i+20:i+32]}")
-    return out
+    head = str(uuid.uuid4())[:24]
+    start = int.from_bytes(os.urandom(6)) % (2**48 - n)
+    return [f"{head}{i:012x}" for i in range(start, start + n)]
 
 
 class MessageBuilder:

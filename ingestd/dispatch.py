@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-import redis
 from celery import Celery
 from kombu.connection import Connection
 
@@ -125,6 +124,21 @@ class _Base:
             raise _error("broker unreachable", exc) from exc
 
 
+def pack_lpush(key: bytes, values: list[bytes]) -> bytes:
+    """``LPUSH key *values`` in RESP, as redis-py's ``pack_command`` writes it.
+
+    redis-py packs with a Python loop over the arguments, about 2 µs per
+    message; this is one join. ``tests/test_dispatch.py`` proves the bytes equal.
+    """
+    parts = [b"*%d\r\n$5\r\nLPUSH\r\n$%d\r\n%b\r\n" % (len(values) + 2, len(key), key)]
+    add = parts.append
+    for value in values:
+        add(b"$%d\r\n" % len(value))
+        add(value)
+        add(b"\r\n")
+    return b"".join(parts)
+
+
 class RedisDispatcher(_Base):
     def __init__(self, app: Celery, queue: str, captured: codec.Captured, batch: bool) -> None:
         super().__init__(app, queue, captured, batch)
@@ -134,28 +148,23 @@ class RedisDispatcher(_Base):
         self.key = captured.routing_key
         self.envelopes = codec.RedisEnvelopes(self.builder)
         self._conn: Any = None
-        # Packing is pure (no I/O): a connection object that never connects does it.
-        self._packer = redis.Connection()
 
-    def prepare(self, tasks: Sequence[Task]) -> list[bytes]:
-        """The whole LPUSH command, packed by redis-py: the in-flight thread then only
-        writes it and reads the reply, and barely needs the GIL."""
+    def prepare(self, tasks: Sequence[Task]) -> bytes:
+        """The whole LPUSH command, packed here: the in-flight thread then only writes
+        it and reads the reply, and barely needs the GIL."""
         tags = codec.delivery_tags(len(tasks))
         enc = self.envelopes.encode
         batch = self.batch
         messages = [enc(t.task_id, t.raws, _args(t, batch), batch, tag)
                     for t, tag in zip(tasks, tags, strict=True)]
-        if not messages:
-            return []
-        packed: list[bytes] = self._packer.pack_command("LPUSH", self.key, *messages)
-        return packed
+        return pack_lpush(self.key.encode(), messages) if messages else b""
 
-    def send(self, packed: list[bytes]) -> None:
+    def send(self, packed: bytes) -> None:
         if not packed:
             return
         try:
             conn = self._lpush_conn()
-            conn.send_packed_command(packed, check_health=False)
+            conn.send_packed_command([packed], check_health=False)
             reply = conn.read_response()
         except Exception as exc:
             self._reset()
