@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
@@ -27,8 +30,9 @@ def run_check(loaded: cfg.Loaded) -> int:
 
 
 def check_kafka(config: cfg.Config) -> list[str]:
-    props = {k: v for k, v in kafka.producer_config(config).items()
-             if k not in ("acks", "enable.idempotence", "linger.ms")}
+    props: dict[str, Any] = {k: v for k, v in kafka.producer_config(config).items()
+                             if k not in ("acks", "enable.idempotence", "linger.ms")}
+    props["logger"] = logging.getLogger("librdkafka")  # not librdkafka's own stderr lines
     admin = AdminClient(props)
     try:
         meta = admin.list_topics(timeout=TIMEOUT)

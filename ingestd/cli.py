@@ -21,11 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         loaded = cfg.load(args)
+        logs.configure(loaded.config.log_format, loaded.config.log_level)
         validate(loaded.config)
     except ConfigError as exc:
         print(f"ingestd: error: {cfg.redact(str(exc))}", file=sys.stderr)
         return ExitCode.CONFIG
-    logs.configure(loaded.config.log_format, loaded.config.log_level)
     if loaded.check:
         from ingestd.check import run_check
 
@@ -34,7 +34,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def validate(config: cfg.Config) -> None:
-    """Checks that need imports: the schema module and the librdkafka properties."""
+    """Checks that need a worker's libraries: the schema module imports, and librdkafka
+    accepts every property. They run in a child process, so that the supervisor
+    itself neither imports confluent_kafka nor creates a librdkafka object before
+    it forks its workers."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        message = ""
+        try:
+            _validate_here(config)
+        except ConfigError as exc:
+            message = str(exc)
+        except Exception as exc:  # reported as a configuration error
+            message = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, message.encode()[:4096])
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    if message:
+        raise ConfigError(message)
+
+
+def _validate_here(config: cfg.Config) -> None:
     from ingestd import kafka, schema
 
     schema.load_struct(config.schema)

@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ingestd.errors import ConfigError
 
@@ -208,7 +208,10 @@ class Config:
 
 
 SETTINGS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Config)
-SECRET_KEY = re.compile(r"(password|secret)$", re.IGNORECASE)
+# Keys ending in password or secret, and every property librdkafka itself treats as
+# sensitive (it shows them as [redacted]).
+SECRET_KEY = re.compile(r"(password|secret|passphrase|key\.pem|^sasl\.oauthbearer\.config)$",
+                        re.IGNORECASE)
 REDACTED = "***"
 
 
@@ -235,12 +238,14 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
 
 
 def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Hide the password; everything between the user's ``:`` and the last ``@`` counts
+    as the password, even an unencoded ``/`` that ends a URL's netloc."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not (sep and at and colon):
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{netloc[-1]}"))
+    return f"{scheme}://{user}:{REDACTED}@{host}"
 
 
 def redact_property(prop: str) -> str:
@@ -250,7 +255,7 @@ def redact_property(prop: str) -> str:
 
 def redact(text: str) -> str:
     """Hide passwords in any URL inside ``text``."""
-    return re.sub(r"(\w+://[^/\s:@]*:)[^@\s/]*@", rf"\g<1>{REDACTED}@", text)
+    return re.sub(r"(\w+://[^/\s:@]*:)[^\s]*@", rf"\g<1>{REDACTED}@", text)
 
 
 def shown(name: str, value: Any) -> Any:
@@ -299,7 +304,8 @@ def _split_list(name: str, raw: str) -> list[str]:
     return [item.strip() for item in re.split(pattern, raw) if item.strip()]
 
 
-def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
+def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str, *,
+            from_file: bool = False) -> Any:
     """Turn a flag, environment or TOML value into the setting's type, or say why not.
 
     Text (flags, environment) is parsed; TOML values must already have the type.
@@ -307,7 +313,7 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
     """
     spec = spec_of(f)
     where = f"{flag_of(f)[2:]} (from {origin})"
-    text = origin != "file"
+    text = not from_file
     if spec.repeatable:
         if isinstance(raw, str) and text:
             raw = _split_list(f.name, raw)
@@ -397,7 +403,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             values[f.name] = _coerce(f, env[env_of(f)], env_of(f))
             sources[f.name] = "env"
         elif f.name in file_values:
-            values[f.name] = _coerce(f, file_values[f.name], str(config_file))
+            values[f.name] = _coerce(f, file_values[f.name], str(config_file), from_file=True)
             sources[f.name] = "file"
         elif spec.legacy_env and spec.legacy_env in env:
             values[f.name] = _coerce(f, env[spec.legacy_env], spec.legacy_env)

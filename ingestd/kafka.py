@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -67,7 +68,8 @@ def check_properties(props: dict[str, Any], kind: str) -> None:
 
     cls = Consumer if kind == "consumer" else Producer
     try:
-        client = cls({**props, "bootstrap.servers": props.get("bootstrap.servers", "localhost")})
+        client = cls({**props, "bootstrap.servers": props.get("bootstrap.servers", "localhost"),
+                      "logger": logging.getLogger("librdkafka")})
     except (KafkaException, ValueError, TypeError) as exc:
         msg = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
         raise ConfigError(f"kafka-property: {msg}") from None

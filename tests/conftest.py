@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import redis
 from confluent_kafka import KafkaException
 
 from tests import stack
@@ -42,3 +47,69 @@ def redis_db() -> Iterator[int]:
 @pytest.fixture
 def broker_url(redis_db: int) -> str:
     return stack.redis_url(redis_db)
+
+
+class PrivateRedis(NamedTuple):
+    """A ``redis-server`` of one test's own: its URL, and how to stop and start it."""
+
+    url: str
+    stop: Callable[[], None]
+    start: Callable[[], None]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def private_redis_factory(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    """Starts Redis servers of this test's own (``make(password=None)``); each can be
+    stopped and started again, keeping its data. All are killed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def make(password: str | None = None) -> PrivateRedis:
+        port = _free_port()
+        directory = tmp_path / f"redis-{port}"
+        directory.mkdir()
+        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(directory)]
+        if password is not None:
+            cmd += ["--requirepass", password]
+
+        mine: list[subprocess.Popen[bytes]] = []
+
+        def client() -> redis.Redis:
+            return redis.Redis(port=port, password=password)
+
+        def start() -> None:
+            mine.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+            procs.append(mine[-1])
+            assert stack.wait_until(lambda: _pings(client()), 10)
+
+        def stop() -> None:
+            client().shutdown(save=True)  # data survives the restart
+            mine[-1].wait(10)
+
+        start()
+        auth = f":{password}@" if password is not None else ""
+        return PrivateRedis(f"redis://{auth}127.0.0.1:{port}/0", stop, start)
+
+    yield make
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def private_redis(private_redis_factory: Callable[..., PrivateRedis]) -> PrivateRedis:
+    """A Redis of this test's own that it can stop and start, keeping its data."""
+    return private_redis_factory()

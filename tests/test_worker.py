@@ -8,7 +8,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import orjson
 import pytest
@@ -180,37 +179,6 @@ def wait_ids(broker_url: str, topic: str, n: int, timeout: float = 120) -> set[s
     assert len(expected) == n
     assert stack.wait_until(lambda: set(stack_ids(broker_url)) >= expected, timeout, 0.5)
     return expected
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> tuple[str, Callable[[], None], Callable[[], None]]:
-    """A Redis of this test's own that it can stop and start, keeping its data."""
-    port = 6390 + uuid.uuid4().int % 50
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-           "--appendonly", "no", "--dir", str(tmp_path)]
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        client = redis.Redis(port=port)
-        assert stack.wait_until(lambda: _pings(client), 10)
-
-    def stop() -> None:
-        redis.Redis(port=port).shutdown(save=True)  # data survives the restart
-        procs[-1].wait(10)
-
-    start()
-    yield f"redis://127.0.0.1:{port}/0", stop, start  # type: ignore[misc]
-    for p in procs:
-        p.kill()
-        p.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def test_redis_outage_mid_stream_loses_nothing(
