@@ -14,6 +14,7 @@ picked up without a restart.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -27,10 +28,19 @@ METADATA_REFRESH = 30.0
 
 def static_share(partitions: dict[str, int], allowed: frozenset[int] | None, slot: int,
                  workers: int) -> list[tuple[str, int]]:
-    """This slot's share: every ``workers``-th of the host's (topic, partition) pairs."""
-    pairs = sorted((t, p) for t, n in partitions.items() for p in range(n)
-                   if allowed is None or p in allowed)
-    return [pair for i, pair in enumerate(pairs) if i % workers == slot]
+    """This slot's share of the host's partitions, topic by topic.
+
+    Within a topic the k-th allowed partition goes to slot ``(k + offset) % workers``,
+    the offset coming from the topic's name so that single-partition topics do not
+    all land on slot 0. A partition added to one topic moves nothing: neither that
+    topic's existing partitions nor any other topic's.
+    """
+    share = []
+    for topic, count in sorted(partitions.items()):
+        offset = zlib.crc32(topic.encode())
+        mine = [p for p in range(count) if allowed is None or p in allowed]
+        share += [(topic, p) for k, p in enumerate(mine) if (k + offset) % workers == slot]
+    return share
 
 
 def names(partitions: list[TopicPartition]) -> str:

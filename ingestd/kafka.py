@@ -30,6 +30,11 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         # A restarted worker gets its own partitions back without moving others'.
         "partition.assignment.strategy": "cooperative-sticky",
+        # A static member (group.instance.id) never sends LeaveGroup, not even on
+        # a clean close: the group waits this long before it hands a stopped
+        # worker's partitions to another host. 10 s is ample for a worker restart
+        # (about 2 s) and a quarter of librdkafka's 45 s default.
+        "session.timeout.ms": 10000,
         # Bounded prefetch: memory stays flat however large the lag is. The
         # limit is per consumer (librdkafka's default is 64 MiB). The default
         # queued.min.messages (100,000 per partition) stays: lowering it to

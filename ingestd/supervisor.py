@@ -100,16 +100,17 @@ class Supervisor:
     def run(self) -> int:
         log.info("starting %d workers: %s", self.target, summary(self.config))
         self.install_signals()
-        while self.exit_code is None:
+        while True:
             self.last_loop = time.monotonic()
-            while self.signals:
+            while self.signals and self.exit_code is None:
                 self.handle_signal(self.signals.pop(0))
-            self.reap()
-            if self.draining_until is not None:
+            if self.exit_code is None:
+                self.reap()
+            if self.exit_code is None and self.draining_until is not None:
                 self.check_drain()
-                if self.exit_code is not None:
-                    break
-            else:
+            if self.exit_code is not None:  # QUIT, a boot failure or the end of a drain
+                break
+            if self.draining_until is None:
                 self.check_heartbeats()
                 self.roll()
                 self.reconcile()
@@ -146,8 +147,13 @@ class Supervisor:
             try:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
+                # Until the worker installs its own handlers, a stop is only noted:
+                # a worker still booting must not die of the TERM of a drain.
+                early: list[int] = []
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, lambda signum, _frame: early.append(signum))
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-                code = run_worker(self.config, slot, heartbeat)
+                code = run_worker(self.config, slot, heartbeat, early)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -309,7 +315,7 @@ class Supervisor:
         return time.monotonic() - self.last_loop < 10 * LOOP_INTERVAL + 5
 
 
-def run_worker(config: Config, slot: int, heartbeat: Heartbeat) -> int:
+def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]) -> int:
     """The worker process's main; returns its exit code."""
     logs.configure(config.log_format, config.log_level, role="worker", slot=slot)
     from ingestd.worker import Worker  # imported after fork: librdkafka is not fork-safe
@@ -321,7 +327,7 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat) -> int:
                   exc_info=not isinstance(exc, IngestdError))
         return ExitCode.BOOT
     try:
-        worker.run()
+        worker.run(early)
     except IngestdError as exc:
         log.error("%s", exc)
         return int(exc.exit_code)

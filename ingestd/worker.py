@@ -14,6 +14,7 @@ import logging
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,10 +92,15 @@ class Worker:
 
     # --- the loop ---------------------------------------------------------
 
-    def run(self) -> None:
-        """Consume until asked to stop, then drain: publish, store, commit, leave."""
+    def run(self, stops_before: list[int] | None = None) -> None:
+        """Consume until asked to stop, then drain: publish, store, commit, leave.
+
+        ``stops_before`` holds the signals that came while the process booted.
+        """
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        if stops_before:
+            self._on_stop(stops_before[0], None)
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.assignment.start()
         self._update_status()
@@ -358,7 +364,13 @@ class Worker:
         """Commit what was stored and leave the group."""
         self.inflight.close()
         self.commit()
-        self.consumer.close()
+        # librdkafka's close waits for a pending rebalance with no bound; the offsets
+        # are committed by now, so a close that overruns the drain is abandoned.
+        closing = threading.Thread(target=self.consumer.close, name="close", daemon=True)
+        closing.start()
+        closing.join(max(1.0, (1 - DRAIN_SHARE) * self.config.drain_timeout - 1.0))
+        if closing.is_alive():
+            log.warning("consumer close did not finish in time; exiting without it")
         if self.dlq is not None:
             self.dlq.close()
         self.watch.close()
