@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ingestd import logs
 from ingestd.config import Config, Loaded, summary
@@ -38,14 +38,12 @@ class WorkerHandle:
     slot: int
     pid: int
     heartbeat: Heartbeat
-    started: float = field(default_factory=time.monotonic)
     generation: int = 0  # HUP replaces the workers of older generations
     stopping_since: float | None = None
 
 
 class Supervisor:
     def __init__(self, loaded: Loaded, reload: Callable[[], Loaded]) -> None:
-        self.loaded = loaded
         self.config: Config = loaded.config
         self.reload_config = reload
         self.workers: dict[int, WorkerHandle] = {}  # slot -> handle
@@ -56,7 +54,6 @@ class Supervisor:
         self.exit_code: int | None = None  # set when the loop should end
         self.draining_until: float | None = None
         self.last_loop = time.monotonic()
-        self.restarts = 0
         self.generation = 0
         self.rolling: list[int] = []  # slots a HUP has yet to replace
         self.drain_failed = False
@@ -194,7 +191,6 @@ class Supervisor:
                 return
             delay = min(MAX_RESTART_BACKOFF, 0.5 * 2 ** (self.failures[handle.slot] - 1))
             self.next_spawn[handle.slot] = time.monotonic() + delay
-            self.restarts += 1
             _count_restart()
             log.warning("worker %d (pid %d) died (%s); restarting in %.1fs", handle.slot, pid,
                         _describe_exit(code), delay)
@@ -273,7 +269,7 @@ class Supervisor:
             log.error("HUP: configuration not reloaded: %s", exc)
             return
         log.info("HUP: configuration reloaded; replacing workers one at a time")
-        self.loaded, self.config = loaded, loaded.config
+        self.config = loaded.config
         self.target = self.config.workers
         self.generation += 1
         self.rolling = sorted(slot for slot in self.workers if slot < self.target)
