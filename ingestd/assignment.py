@@ -96,6 +96,20 @@ class Assignment:
         self.joined = True
         self.changed()
 
+    def leave(self, timeout: float) -> None:
+        """Leave the group now, so that the partitions move at once.
+
+        A static member sends no LeaveGroup when it closes; it does when it
+        unsubscribes. The revoke is served by consuming; what that returns is
+        neither dispatched nor stored, so its new owner consumes it again.
+        """
+        if self.static:
+            return
+        self.consumer.unsubscribe()
+        deadline = time.monotonic() + timeout
+        while self.consumer.assignment() and time.monotonic() < deadline:
+            self.consumer.consume(1000, 0.1)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", names(partitions))
         self.owned |= {(tp.topic, tp.partition) for tp in partitions}

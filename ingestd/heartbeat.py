@@ -8,12 +8,17 @@ is the worker's last status line (``assigned``, ``broker unreachable: ...``).
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 
 BEAT_INTERVAL = 0.5
 READY = "ready"  # the status of a worker that consumes and reaches its broker
 STARTING = "starting"
+# Sent by the supervisor when a successor will join with the worker's static
+# member id (HUP): drain, but stay in the group, so that no rebalance happens.
+# TERM and INT drain and leave the group.
+REPLACE = signal.SIGUSR1
 
 
 class Heartbeat:

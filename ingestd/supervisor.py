@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from ingestd import logs
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
-from ingestd.heartbeat import READY, STARTING, Heartbeat
+from ingestd.heartbeat import READY, REPLACE, STARTING, Heartbeat
 from ingestd.systemd import Notifier
 
 log = logs.get("supervisor")
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGCHLD)
+STOPS = (signal.SIGTERM, signal.SIGINT, REPLACE)
 LOOP_INTERVAL = 0.5
 MAX_RESTART_BACKOFF = 30.0
 BOOT_FAILURES_LIMIT = 5  # a slot that dies this often in a row without ever beating stops ingestd
@@ -144,10 +145,13 @@ class Supervisor:
             try:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
+                # Meant for the supervisor; `systemctl kill` sends them to every process.
+                for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+                    signal.signal(sig, signal.SIG_IGN)
                 # Until the worker installs its own handlers, a stop is only noted:
                 # a worker still booting must not die of the TERM of a drain.
                 early: list[int] = []
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in STOPS:
                     signal.signal(sig, lambda signum, _frame: early.append(signum))
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 code = run_worker(self.config, slot, heartbeat, early)
@@ -284,7 +288,7 @@ class Supervisor:
             if handle.generation < self.generation:
                 if handle.stopping_since is None:
                     handle.stopping_since = time.monotonic()
-                    _kill(handle.pid, signal.SIGTERM)
+                    _kill(handle.pid, REPLACE)
                 return
             if handle.heartbeat.status() == STARTING:
                 return

@@ -28,7 +28,7 @@ from ingestd.backpressure import QueueWatch
 from ingestd.config import Config
 from ingestd.dlq import DeadLetter, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
-from ingestd.heartbeat import READY
+from ingestd.heartbeat import READY, REPLACE
 from ingestd.inflight import InFlight
 from ingestd.schema import Validator
 
@@ -39,6 +39,7 @@ RETRY_INITIAL_BACKOFF = 0.1
 # at the default 5 ms switch interval that wait alone would rival them.
 SWITCH_INTERVAL = 0.0005
 DRAIN_SHARE = 0.8  # of --drain-timeout, spent retrying an unsent batch after a stop
+LEAVE_TIMEOUT = 3.0
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Worker:
         self.slot = slot
         self.beat = beat or (lambda status: None)
         self.stopping = False
+        self.leave_group = True  # on a stop; not when a successor takes over (REPLACE)
         self.give_up_at = float("inf")
         self.paused_by: set[str] = set()
         self.fatal: KafkaError | None = None
@@ -97,8 +99,8 @@ class Worker:
 
         ``stops_before`` holds the signals that came while the process booted.
         """
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
+        for sig in (signal.SIGTERM, signal.SIGINT, REPLACE):
+            signal.signal(sig, self._on_stop)
         if stops_before:
             self._on_stop(stops_before[0], None)
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -359,6 +361,7 @@ class Worker:
         if not self.stopping:
             self.stopping = True
             self.give_up_at = time.monotonic() + DRAIN_SHARE * self.config.drain_timeout
+            self.leave_group = signum != REPLACE
 
     def close(self) -> None:
         """Commit what was stored and leave the group."""
@@ -366,11 +369,16 @@ class Worker:
         self.commit()
         # librdkafka's close waits for a pending rebalance with no bound; the offsets
         # are committed by now, so a close that overruns the drain is abandoned.
-        closing = threading.Thread(target=self.consumer.close, name="close", daemon=True)
+        closing = threading.Thread(target=self._leave_and_close, name="close", daemon=True)
         closing.start()
         closing.join(max(1.0, (1 - DRAIN_SHARE) * self.config.drain_timeout - 1.0))
         if closing.is_alive():
             log.warning("consumer close did not finish in time; exiting without it")
+
+    def _leave_and_close(self) -> None:
+        if self.leave_group:
+            self.assignment.leave(LEAVE_TIMEOUT)
+        self.consumer.close()
         if self.dlq is not None:
             self.dlq.close()
         self.watch.close()

@@ -520,6 +520,23 @@ def test_two_instances_share_the_group_and_take_over_on_stop(
     assert executed == len(ran), f"{executed - len(ran)} repeats"
 
 
+def test_drained_instance_leaves_the_group(topic_factory: Callable[..., str],
+                                           broker_url: str) -> None:
+    """TERM leaves the group, although workers are static members (which send no
+    LeaveGroup on close): the other instance takes over without a session timeout."""
+    topic = topic_factory(partitions=4)
+    g, tag = group(), uuid.uuid4().hex[:6]
+    a = run(topic, g, broker_url, "--instance-id", f"a-{tag}")
+    b = run(topic, g, broker_url, "--instance-id", f"b-{tag}")
+    with a, b:
+        assert stack.wait_until(lambda: ownership(a).get(0) and ownership(b).get(0), 90)
+        stop(a)
+        (described,) = stack.admin().describe_consumer_groups([g]).values()
+        members = {m.group_instance_id for m in described.result(timeout=30).members}
+        stop(b)
+    assert members == {f"b-{tag}-0"}
+
+
 # --- 8. workers that cannot boot ---------------------------------------------------
 
 
