@@ -128,4 +128,4 @@ def dispatcher(config: Config, redis_client: redis.Redis) -> Iterator[dispatch.R
 @pytest.fixture(scope="session")
 def envelopes(dispatcher: dispatch.RedisDispatcher, tasks: list[dispatch.Task]) -> list[bytes]:
     """The 1000 Redis envelopes ingestd LPUSHes for the corpus, built once."""
-    return dispatcher.prepare(tasks)
+    return dispatcher.encode(tasks)

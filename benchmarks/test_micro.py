@@ -180,7 +180,7 @@ def test_build_ingestd(benchmark: Benchmark, dispatcher: dispatch.RedisDispatche
                        tasks: list[dispatch.Task]) -> None:
     benchmark.group = "build message"
     _records(benchmark)
-    out = benchmark(dispatcher.prepare, tasks)
+    out = benchmark(dispatcher.encode, tasks)
     _per_record(benchmark)
     assert len(out) == N_RECORDS
 
@@ -216,7 +216,7 @@ def test_build_celery_send_task(benchmark: Benchmark, dispatcher: dispatch.Redis
     finally:
         conn.release()
     assert len(built) == N_RECORDS
-    ours = dispatcher.prepare(tasks[:50])
+    ours = dispatcher.encode(tasks[:50])
     assert [_envelope_view(e) for e in built[:50]] == [_envelope_view(e) for e in ours]
 
 
@@ -254,7 +254,7 @@ def test_build_celery_pieces(benchmark: Benchmark, dispatcher: dispatch.RedisDis
     finally:
         conn.release()
     assert len(built) == N_RECORDS
-    ours = dispatcher.prepare(tasks[:50])
+    ours = dispatcher.encode(tasks[:50])
     assert [_envelope_view(e) for e in built[:50]] == [_envelope_view(e) for e in ours]
 
 
@@ -387,7 +387,7 @@ def test_publish_celery_send_task(benchmark: Benchmark, redis_client: redis.Redi
                               producer=producer)
 
     _publish(benchmark, redis_client, dispatcher.key, run, rounds=5,
-             expect=dispatcher.prepare(tasks))
+             expect=dispatcher.encode(tasks))
 
 
 @pytest.mark.stack

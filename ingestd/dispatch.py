@@ -149,14 +149,18 @@ class RedisDispatcher(_Base):
         self.envelopes = codec.RedisEnvelopes(self.builder)
         self._conn: Any = None
 
-    def prepare(self, tasks: Sequence[Task]) -> bytes:
-        """The whole LPUSH command, packed here: the in-flight thread then only writes
-        it and reads the reply, and barely needs the GIL."""
+    def encode(self, tasks: Sequence[Task]) -> list[bytes]:
+        """The envelopes, one per task, as kombu's Redis transport would LPUSH them."""
         tags = codec.delivery_tags(len(tasks))
         enc = self.envelopes.encode
         batch = self.batch
-        messages = [enc(t.task_id, t.raws, _args(t, batch), batch, tag)
-                    for t, tag in zip(tasks, tags, strict=True)]
+        return [enc(t.task_id, t.raws, _args(t, batch), batch, tag)
+                for t, tag in zip(tasks, tags, strict=True)]
+
+    def prepare(self, tasks: Sequence[Task]) -> bytes:
+        """The whole LPUSH command, packed here: the in-flight thread then only writes
+        it and reads the reply, and barely needs the GIL."""
+        messages = self.encode(tasks)
         return pack_lpush(self.key.encode(), messages) if messages else b""
 
     def send(self, packed: bytes) -> None:
