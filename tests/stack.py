@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -256,3 +259,25 @@ def queued_tasks(broker_url: str, queue: str = "celery") -> list[dict[str, Any]]
         args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
         out.append({**envelope["headers"], "args": args, "kwargs": kwargs})
     return out
+
+
+def group() -> str:
+    """A consumer group of the test's own."""
+    return f"g-{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """Status and body; 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+    except OSError:
+        return 0, b""

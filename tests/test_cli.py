@@ -10,11 +10,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -100,31 +97,14 @@ class Ingestd(stack.Ingestd):
         return self.start()
 
 
-def group() -> str:
-    return f"g-{uuid.uuid4().hex[:10]}"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
-    except OSError:
-        return 0, b""
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(base: str) -> Samples:
-    status, body = http_get(f"{base}/metrics")
+    status, body = stack.http_get(f"{base}/metrics")
     assert status == 200, (status, body)
     out: Samples = {}
     for family in text_string_to_metric_families(body.decode()):
@@ -143,7 +123,7 @@ def queue_len(broker_url: str) -> int:
 
 def closed_port() -> int:
     """A loopback port nothing listens on."""
-    return free_port()
+    return stack.free_port()
 
 
 def stop(ingestd: Ingestd, timeout: float = 60) -> None:
@@ -430,7 +410,7 @@ def test_a_real_run_never_shows_secrets(topic_factory: Callable[..., str],
     secured = private_redis_factory(password=SECRET)
     n = 50
     stack.produce(topic, [*(stack.signal_record(i) for i in range(n)), b"not json"])
-    args = ["--topic", topic, "--group-id", group(), "--bootstrap-servers", stack.BOOTSTRAP,
+    args = ["--topic", topic, "--group-id", stack.group(), "--bootstrap-servers", stack.BOOTSTRAP,
             "--metrics-addr", "", "--workers", "2", "--dlq-topic", "",
             "--log-level", "DEBUG", "--log-format", log_format,
             *SECRET_PROPS, "-X", "debug=conf,security,broker"]
@@ -482,7 +462,7 @@ def test_json_logs_every_stderr_line_is_one_object(topic_factory: Callable[..., 
     topic, dlq = topic_factory(partitions=2), topic_factory(partitions=1, prefix="dlq")
     n = 200
     stack.produce(topic, [*(stack.signal_record(i) for i in range(n)), *INVALID])
-    args = ["--topic", topic, "--group-id", group(), "--bootstrap-servers", stack.BOOTSTRAP,
+    args = ["--topic", topic, "--group-id", stack.group(), "--bootstrap-servers", stack.BOOTSTRAP,
             "--broker-url", broker_url, "--metrics-addr", "", "--workers", "2",
             "--dlq-topic", dlq, "--max-record-bytes", MAX_RECORD_BYTES,
             "--log-format", "json", "--log-level", "DEBUG"]
@@ -529,7 +509,7 @@ def test_json_logs_of_a_run_with_a_librdkafka_warning(topic_factory: Callable[..
     topic = topic_factory(partitions=1)
     n = 20
     stack.produce(topic, (stack.signal_record(i) for i in range(n)))
-    args = ["--topic", topic, "--group-id", group(), "--bootstrap-servers", stack.BOOTSTRAP,
+    args = ["--topic", topic, "--group-id", stack.group(), "--bootstrap-servers", stack.BOOTSTRAP,
             "--broker-url", broker_url, "--metrics-addr", "", "--workers", "1",
             "--log-format", "json", *WARNED_PROPERTY]
     with Ingestd(*args) as ingestd:
@@ -606,9 +586,9 @@ def keyed_produce(topic: str, records: list[bytes], first_key: int) -> None:
 def test_metrics_count_the_corpus_exactly_and_survive_a_killed_worker(
         topic_factory: Callable[..., str], broker_url: str) -> None:
     topic, dlq = topic_factory(partitions=4), topic_factory(partitions=1, prefix="dlq")
-    g = group()
+    g = stack.group()
     first, first_invalid = corpus(0, 2000)
-    port = free_port()
+    port = stack.free_port()
     base = f"http://127.0.0.1:{port}"
     args = ["--topic", topic, "--group-id", g, "--bootstrap-servers", stack.BOOTSTRAP,
             "--broker-url", broker_url, "--metrics-addr", f"127.0.0.1:{port}", "--workers", "2",
@@ -629,9 +609,9 @@ def test_metrics_count_the_corpus_exactly_and_survive_a_killed_worker(
         samples = scrape(base)
         assert sample(samples, "ingestd_workers_alive") == 2
         assert sample(samples, "ingestd_worker_restarts_total") == 0
-        assert http_get(f"{base}/healthz")[0] == 200
-        assert stack.wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 60)
-        status, body = http_get(f"{base}/readyz")
+        assert stack.http_get(f"{base}/healthz")[0] == 200
+        assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 60)
+        status, body = stack.http_get(f"{base}/readyz")
         assert status == 200 and orjson.loads(body) == {"ready": True, "workers": {}}
         assert queue_len(broker_url) == 2000
         assert len(stack.consume_all(dlq, len(INVALID))) == len(INVALID)
@@ -650,7 +630,7 @@ def test_metrics_count_the_corpus_exactly_and_survive_a_killed_worker(
         assert stack.wait_until(lambda: sample(scrape(base), "ingestd_workers_alive") == 2, 30)
         samples = scrape(base)
         assert sample(samples, "ingestd_worker_restarts_total") == 1
-        assert stack.wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 60)
+        assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 60)
         stop(ingestd)
     ids = [t["id"] for t in stack.queued_tasks(broker_url)]
     assert len(ids) == len(set(ids)) == 3000  # nothing repeated, nothing lost
@@ -666,35 +646,35 @@ def test_readyz_is_503_naming_the_worker_while_the_broker_is_down(
         private_redis_factory: Callable[..., PrivateRedis]) -> None:
     topic = topic_factory(partitions=2)
     broker = private_redis_factory(password=SECRET)
-    port = free_port()
+    port = stack.free_port()
     base = f"http://127.0.0.1:{port}"
-    args = ["--topic", topic, "--group-id", group(), "--bootstrap-servers", stack.BOOTSTRAP,
+    args = ["--topic", topic, "--group-id", stack.group(), "--bootstrap-servers", stack.BOOTSTRAP,
             "--broker-url", broker.url, "--metrics-addr", f"127.0.0.1:{port}", "--workers", "2",
             "--retry-max-backoff", "1"]
     with Ingestd(*args) as ingestd:
-        assert stack.wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 90), \
-            (http_get(f"{base}/readyz"), ingestd.output()[-3000:])
+        assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 90), \
+            (stack.http_get(f"{base}/readyz"), ingestd.output()[-3000:])
         broker.stop()
 
         def both_waiting() -> bool:
-            status, body = http_get(f"{base}/readyz")
+            status, body = stack.http_get(f"{base}/readyz")
             return status == 503 and set(orjson.loads(body)["workers"]) == {"0", "1"}
 
-        assert stack.wait_until(both_waiting, 60), http_get(f"{base}/readyz")
-        status, body = http_get(f"{base}/readyz")
+        assert stack.wait_until(both_waiting, 60), stack.http_get(f"{base}/readyz")
+        status, body = stack.http_get(f"{base}/readyz")
         doc = orjson.loads(body)
         assert status == 503 and doc["ready"] is False
         for slot, why in doc["workers"].items():
             assert "celery broker unreachable" in why, (slot, why)
         assert SECRET not in body.decode()
-        assert http_get(f"{base}/healthz")[0] == 200  # the supervisor itself is fine
+        assert stack.http_get(f"{base}/healthz")[0] == 200  # the supervisor itself is fine
         # Records that arrive during the outage wait; none is lost.
         stack.produce(topic, (stack.signal_record(i) for i in range(100)),
                       keys=(f"k{i}".encode() for i in range(100)))
         broker.start()
-        assert stack.wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 60), \
-            http_get(f"{base}/readyz")
-        assert orjson.loads(http_get(f"{base}/readyz")[1]) == {"ready": True, "workers": {}}
+        assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 60), \
+            stack.http_get(f"{base}/readyz")
+        assert orjson.loads(stack.http_get(f"{base}/readyz")[1]) == {"ready": True, "workers": {}}
         expected = {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, 2).items()
                     for o in range(end)}
         assert len(expected) == 100

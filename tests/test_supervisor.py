@@ -14,8 +14,6 @@ import os
 import re
 import signal
 import socket
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,9 +43,6 @@ SESSION = ("-X", "session.timeout.ms=6000")
 
 # --- helpers --------------------------------------------------------------
 
-
-def group() -> str:
-    return f"g-{uuid.uuid4().hex[:10]}"
 
 
 def run(topic: str, grp: str, broker_url: str, *extra: str,
@@ -170,20 +165,6 @@ def kill_survivors(marker: str) -> None:
             continue
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
-    except OSError:
-        return 0, b""
 
 
 def stop(ingestd: stack.Ingestd) -> None:
@@ -198,7 +179,7 @@ def test_group_mode_pins_each_partition_to_one_worker(topic_factory: Callable[..
                                                       broker_url: str) -> None:
     topic = topic_factory(partitions=6)
     n = 30_000
-    with run(topic, group(), broker_url, "--workers", "3") as ingestd:
+    with run(topic, stack.group(), broker_url, "--workers", "3") as ingestd:
         settled(ingestd, topic, 6, 3)
         assert sorted(len(p) for p in ownership(ingestd).values()) == [2, 2, 2]
         stack.produce(topic, records(n))
@@ -212,7 +193,7 @@ def test_static_mode_gives_each_worker_its_share(topic_factory: Callable[..., st
     topic = topic_factory(partitions=6)
     n = 30_000
     stack.produce(topic, records(n))
-    g = group()
+    g = stack.group()
     with run(topic, g, broker_url, "--workers", "3", "--assignment", "static") as ingestd:
         ids = wait_ids(broker_url, produced_ids(topic, 6))
         assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 6) ==
@@ -231,7 +212,7 @@ def test_static_mode_consumes_only_the_partitions_given(topic_factory: Callable[
     per = 1000
     for p in (5, 4, 3, 0, 1, 2):  # the foreign ones first: they would be consumed first too
         stack.produce(topic, records(per, p * per), partition=p)
-    g = group()
+    g = stack.group()
     args = ("--workers", "3", "--assignment", "static", "--partitions", "0-2")
     with run(topic, g, broker_url, *args) as ingestd:
         ids = wait_ids(broker_url, {f"{topic}-{p}-{o}" for p in range(3) for o in range(per)})
@@ -261,7 +242,7 @@ def test_static_mode_takes_up_partitions_added_later(topic_factory: Callable[...
     """Slow: ingestd re-reads the topic metadata every METADATA_REFRESH (30 s)."""
     topic = topic_factory(partitions=2)
     stack.produce(topic, records(2000))
-    g = group()
+    g = stack.group()
     with run(topic, g, broker_url, "--workers", "2", "--assignment", "static") as ingestd:
         wait_ids(broker_url, produced_ids(topic, 2))
         pids = ingestd.worker_pids()
@@ -281,7 +262,7 @@ def test_static_mode_growing_one_topic_leaves_the_others_alone(
         topic_factory: Callable[..., str], broker_url: str) -> None:
     """Slow: ingestd re-reads the topic metadata every METADATA_REFRESH (30 s)."""
     first, second = topic_factory(partitions=2, prefix="a"), topic_factory(partitions=2, prefix="b")
-    g = group()
+    g = stack.group()
     args = ("--topic", second, "--workers", "2", "--assignment", "static")
     with run(first, g, broker_url, *args) as ingestd:
         assert stack.wait_until(lambda: sum(map(len, ownership(ingestd).values())) == 4, 60)
@@ -306,7 +287,7 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(topic_factory: Callable[.
                                                        broker_url: str) -> None:
     topic = topic_factory(partitions=4)
     n, batch = 60_000, 500
-    g = group()
+    g = stack.group()
     client = redis.Redis.from_url(broker_url)
     with run(topic, g, broker_url, "--workers", "2", "--batch-size", str(batch)) as ingestd:
         settled(ingestd, topic, 4, 2)
@@ -335,7 +316,7 @@ def test_term_under_load_drains_and_commits_exactly_what_was_dispatched(
         topic_factory: Callable[..., str], broker_url: str) -> None:
     topic = topic_factory(partitions=4)
     n = 60_000
-    g = group()
+    g = stack.group()
     client = redis.Redis.from_url(broker_url)
     args = ("--workers", "2", "--batch-size", "500", "--drain-timeout", "30")
     with run(topic, g, broker_url, *args) as ingestd:
@@ -365,7 +346,7 @@ def test_term_while_a_rebalance_is_stuck_still_drains(topic_factory: Callable[..
     """Another member of the group (another host, or a worker SIGKILLed in the middle of a
     join) does not answer a rebalance; a TERM must still end ingestd cleanly."""
     topic = topic_factory(partitions=4)
-    g = group()
+    g = stack.group()
 
     def member() -> Consumer:
         return Consumer({"bootstrap.servers": stack.BOOTSTRAP, "group.id": g,
@@ -406,7 +387,7 @@ def test_hup_replaces_every_worker_one_at_a_time(topic_factory: Callable[..., st
     topic = topic_factory(partitions=4)
     n = 40_000
     client = redis.Redis.from_url(broker_url)
-    with run(topic, group(), broker_url, "--workers", "2", "--batch-size", "500") as ingestd:
+    with run(topic, stack.group(), broker_url, "--workers", "2", "--batch-size", "500") as ingestd:
         settled(ingestd, topic, 4, 2)
         stack.produce(topic, records(n))
         assert stack.wait_until(lambda: client.llen("celery") >= 2000, 60)
@@ -440,7 +421,7 @@ def test_ttin_and_ttou_change_the_worker_count(topic_factory: Callable[..., str]
                                                broker_url: str) -> None:
     topic = topic_factory(partitions=4)
     step = 5000
-    with run(topic, group(), broker_url, "--workers", "2", *SESSION) as ingestd:
+    with run(topic, stack.group(), broker_url, "--workers", "2", *SESSION) as ingestd:
         settled(ingestd, topic, 4, 2)
         stack.produce(topic, records(step))
         wait_ids(broker_url, produced_ids(topic, 4))
@@ -471,7 +452,7 @@ def test_ttin_in_static_mode_reshares_the_partitions(topic_factory: Callable[...
     topic = topic_factory(partitions=6)
     step = 6000
     args = ("--workers", "2", "--assignment", "static")
-    with run(topic, group(), broker_url, *args) as ingestd:
+    with run(topic, stack.group(), broker_url, *args) as ingestd:
         stack.produce(topic, records(step))
         wait_ids(broker_url, produced_ids(topic, 6))
         assert partitions_of(ownership(ingestd)) == shares(topic, 6, 2)
@@ -493,7 +474,7 @@ def test_ttin_in_static_mode_reshares_the_partitions(topic_factory: Callable[...
 def test_two_instances_share_the_group_and_take_over_on_stop(
         topic_factory: Callable[..., str], broker_url: str) -> None:
     topic = topic_factory(partitions=4)
-    g, tag = group(), uuid.uuid4().hex[:6]
+    g, tag = stack.group(), uuid.uuid4().hex[:6]
     step = 3000
     a = run(topic, g, broker_url, "--instance-id", f"a-{tag}", *SESSION)
     b = run(topic, g, broker_url, "--instance-id", f"b-{tag}", *SESSION)
@@ -525,7 +506,7 @@ def test_drained_instance_leaves_the_group(topic_factory: Callable[..., str],
     """TERM leaves the group, although workers are static members (which send no
     LeaveGroup on close): the other instance takes over without a session timeout."""
     topic = topic_factory(partitions=4)
-    g, tag = group(), uuid.uuid4().hex[:6]
+    g, tag = stack.group(), uuid.uuid4().hex[:6]
     a = run(topic, g, broker_url, "--instance-id", f"a-{tag}")
     b = run(topic, g, broker_url, "--instance-id", f"b-{tag}")
     with a, b:
@@ -545,7 +526,7 @@ def test_worker_that_cannot_boot_stops_ingestd_with_code_3(topic_factory: Callab
     """A broker URL option kombu does not know passes the configuration check (the
     supervisor imports no Celery) and fails in the worker, when it builds its dispatcher."""
     topic = topic_factory(partitions=2)
-    g = group()
+    g = stack.group()
     url = stack.redis_url(redis_db) + "?no_such_option=1"
     ingestd = run(topic, g, url, "--workers", "2")
     try:
@@ -564,7 +545,7 @@ def test_worker_dying_before_it_beats_stops_ingestd_instead_of_looping(
     """A worker that dies before its first beat with no word why (here it ``_exit``s while
     it looks its schema up) is restarted with backoff a few times, then ingestd gives up."""
     topic = topic_factory(partitions=1)
-    g = group()
+    g = stack.group()
     ingestd = run(topic, g, broker_url, "--schema", "tests.boot_hooks:Crashing")
     try:
         with ingestd:
@@ -579,7 +560,7 @@ def test_worker_dying_before_it_beats_stops_ingestd_instead_of_looping(
 def test_quit_stops_at_once_and_leaves_no_worker_behind(topic_factory: Callable[..., str],
                                                         broker_url: str) -> None:
     topic = topic_factory(partitions=2)
-    g = group()
+    g = stack.group()
     ingestd = run(topic, g, broker_url, "--workers", "2")
     try:
         with ingestd:
@@ -595,7 +576,7 @@ def test_quit_stops_at_once_and_leaves_no_worker_behind(topic_factory: Callable[
 def test_term_while_workers_boot_is_a_clean_stop(topic_factory: Callable[..., str],
                                                  broker_url: str, tmp_path: Path) -> None:
     topic = topic_factory(partitions=2)
-    g = group()
+    g = stack.group()
     env = {"INGESTD_TEST_BOOT_MARKS": str(tmp_path), "INGESTD_TEST_BOOT_SLEEP": "5"}
     ingestd = run(topic, g, broker_url, "--workers", "2", "--schema", "tests.boot_hooks:Slow",
                   env=env)
@@ -636,7 +617,7 @@ def test_systemd_notify_ready_status_watchdog_stopping(topic_factory: Callable[.
         return sum(key in m and (value is None or m[key] == value) for m in got) >= count
 
     try:
-        ingestd = run(topic, group(), broker_url, "--workers", "2", env=env)
+        ingestd = run(topic, stack.group(), broker_url, "--workers", "2", env=env)
         ingestd.env.pop("WATCHDOG_PID", None)  # set, it would name the process to ping for
         with ingestd:
             assert stack.wait_until(lambda: seen("READY"), 60), got
@@ -668,22 +649,22 @@ def test_systemd_notify_ready_status_watchdog_stopping(topic_factory: Callable[.
 def test_readyz_is_200_once_every_worker_is_ready(topic_factory: Callable[..., str],
                                                   broker_url: str) -> None:
     topic = topic_factory(partitions=4)
-    port = free_port()
+    port = stack.free_port()
     base = f"http://127.0.0.1:{port}"
-    with run(topic, group(), broker_url, "--workers", "3",
+    with run(topic, stack.group(), broker_url, "--workers", "3",
              "--metrics-addr", f"127.0.0.1:{port}") as ingestd:
-        assert stack.wait_until(lambda: http_get(f"{base}/healthz")[0] == 200, 30)
-        assert stack.wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 90), \
-            http_get(f"{base}/readyz")
-        status, body = http_get(f"{base}/readyz")
+        assert stack.wait_until(lambda: stack.http_get(f"{base}/healthz")[0] == 200, 30)
+        assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 90), \
+            stack.http_get(f"{base}/readyz")
+        status, body = stack.http_get(f"{base}/readyz")
         assert status == 200 and orjson.loads(body) == {"ready": True, "workers": {}}
-        status, metrics = http_get(f"{base}/metrics")
+        status, metrics = stack.http_get(f"{base}/metrics")
         assert status == 200 and b"ingestd_workers_alive 3.0" in metrics
         settled(ingestd, topic, 4, 3)
         unready: list[bytes] = []
 
         def answers_503() -> bool:
-            status, body = http_get(f"{base}/readyz")
+            status, body = stack.http_get(f"{base}/readyz")
             if status == 503:
                 unready.append(body)
             return status == 503
@@ -692,6 +673,6 @@ def test_readyz_is_200_once_every_worker_is_ready(topic_factory: Callable[..., s
         assert stack.wait_until(answers_503, 30)
         doc = orjson.loads(unready[0])
         assert doc["ready"] is False and doc["workers"], doc  # names the worker and why
-        assert stack.wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 90)
+        assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 90)
         settled(ingestd, topic, 4, 3)
         stop(ingestd)

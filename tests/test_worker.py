@@ -33,9 +33,6 @@ INVALID = {
 }
 
 
-def group() -> str:
-    return f"g-{uuid.uuid4().hex[:10]}"
-
 
 def wait_queue(broker_url: str, n: int, timeout: float = 90) -> int:
     client = redis.Redis.from_url(broker_url)
@@ -49,7 +46,7 @@ def test_valid_records_become_one_task_each_and_run(topic_factory: Callable[...,
     n = 3000
     records = [stack.signal_record(i, extra_field={"kept": [1, 2]}) for i in range(n)]
     stack.produce(topic, records, keys=(str(i).encode() for i in range(n)))
-    g = group()
+    g = stack.group()
     with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url)) as ingestd:
         wait_queue(broker_url, n)
         ingestd.signal(signal.SIGTERM)
@@ -81,7 +78,7 @@ def test_invalid_records_are_dead_lettered_with_headers(topic_factory: Callable[
     topic_factory_dlq = f"{topic}.dlq"
     values: list[bytes | None] = [stack.signal_record(0), *INVALID, None, stack.signal_record(1)]
     stack.produce(topic, values, partition=0, keys=(f"k{i}".encode() for i in range(len(values))))
-    g = group()
+    g = stack.group()
     with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, "--max-record-bytes", "30000")) \
             as ingestd:
         wait_queue(broker_url, 2)
@@ -112,7 +109,7 @@ def test_no_dead_letter_topic_counts_and_skips(topic_factory: Callable[..., str]
                                                broker_url: str) -> None:
     topic = topic_factory(partitions=1)
     stack.produce(topic, [b"bad", stack.signal_record(1)], partition=0)
-    g = group()
+    g = stack.group()
     with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, "--dlq-topic", "")) as ingestd:
         wait_queue(broker_url, 1)
         assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 1) == {0: 2}, 30)
@@ -127,7 +124,7 @@ def test_batch_dispatch_sends_one_task_per_partition_slice(topic_factory: Callab
     topic = topic_factory(partitions=2)
     n = 500
     stack.produce(topic, (stack.signal_record(i) for i in range(n)))
-    g = group()
+    g = stack.group()
     with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, "--dispatch", "batch")) \
             as ingestd:
         client = redis.Redis.from_url(broker_url)
@@ -150,7 +147,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(topic_factory: Callable[.
     topic = topic_factory(partitions=4)
     n, batch = 60_000, 500
     stack.produce(topic, (stack.signal_record(i) for i in range(n)))
-    g = group()
+    g = stack.group()
     args = stack.ingestd_args(topic, g, broker_url, "--batch-size", str(batch))
     with stack.Ingestd(*args) as ingestd:
         client = redis.Redis.from_url(broker_url)
@@ -188,7 +185,7 @@ def test_redis_outage_mid_stream_loses_nothing(
     topic = topic_factory(partitions=4)
     n = 40_000
     stack.produce(topic, (stack.signal_record(i) for i in range(n)))
-    g = group()
+    g = stack.group()
     args = stack.ingestd_args(topic, g, url, "--batch-size", "200", "--retry-max-backoff", "1")
     with stack.Ingestd(*args) as ingestd:
         client = redis.Redis.from_url(url)
@@ -211,7 +208,7 @@ def test_amqp_broker_tasks_run_on_celery(topic_factory: Callable[..., str], redi
     stack.produce(topic, (stack.signal_record(i) for i in range(n)))
     queue = f"q-{uuid.uuid4().hex[:8]}"
     results_url = stack.redis_url(redis_db)
-    args = stack.ingestd_args(topic, group(), stack.RABBITMQ_URL, "--queue", queue)
+    args = stack.ingestd_args(topic, stack.group(), stack.RABBITMQ_URL, "--queue", queue)
     with stack.Ingestd(*args) as ingestd, \
             stack.celery_worker(stack.RABBITMQ_URL, queue=queue,
                                 env={"INGESTD_RESULTS_URL": results_url}):
@@ -228,7 +225,7 @@ def test_backpressure_pauses_above_max_queue_depth(topic_factory: Callable[..., 
                                                    broker_url: str) -> None:
     topic = topic_factory(partitions=1)
     stack.produce(topic, (stack.signal_record(i) for i in range(5000)), partition=0)
-    args = stack.ingestd_args(topic, group(), broker_url, "--max-queue-depth", "1000",
+    args = stack.ingestd_args(topic, stack.group(), broker_url, "--max-queue-depth", "1000",
                               "--batch-size", "100")
     client = redis.Redis.from_url(broker_url)
     with stack.Ingestd(*args) as ingestd:
