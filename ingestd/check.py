@@ -65,8 +65,7 @@ def check_kafka(config: cfg.Config) -> list[str]:
 def check_broker(config: cfg.Config) -> list[str]:
     try:
         dispatcher = dispatch.create(config)
-        dispatcher.ping()
-        depth = dispatcher.queue_depth()
+        depth = dispatcher.queue_depth()  # declares the queue as send_task would, then asks
         dispatcher.close()
     except IngestdError as exc:
         return [f"celery broker {cfg.redact_url(config.broker_url)}: {exc}"]

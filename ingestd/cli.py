@@ -63,7 +63,7 @@ def _validate_here(config: cfg.Config) -> None:
     from ingestd import kafka, schema
 
     schema.load_struct(config.schema)
-    kafka.check_properties(kafka.consumer_config(config, 0), "consumer")
+    kafka.check_properties(kafka.consumer_config(config, 0))
 
 
 def supervise(loaded: cfg.Loaded, args: list[str]) -> int:

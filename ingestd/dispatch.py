@@ -48,8 +48,6 @@ class Dispatcher(Protocol):
 
     def queue_depth(self) -> int: ...
 
-    def ping(self) -> None: ...
-
     def close(self) -> None: ...
 
 
@@ -115,13 +113,6 @@ class _Base:
 
     def publish(self, tasks: Sequence[Task]) -> None:
         self.send(self.prepare(tasks))  # type: ignore[attr-defined]
-
-    def ping(self) -> None:
-        try:
-            self._declare()
-        except Exception as exc:
-            self._reset()
-            raise _error("broker unreachable", exc) from exc
 
 
 def pack_lpush(key: bytes, values: list[bytes]) -> bytes:

@@ -67,16 +67,16 @@ def producer_config(config: Config) -> dict[str, Any]:
     return props
 
 
-def check_properties(props: dict[str, Any], kind: str) -> None:
-    """Reject unknown or malformed properties at start, with librdkafka's own message."""
-    from confluent_kafka import Consumer, Producer
+def check_properties(props: dict[str, Any]) -> None:
+    """Reject unknown or malformed consumer properties at start, with librdkafka's own
+    message."""
+    from confluent_kafka import Consumer
 
-    cls = Consumer if kind == "consumer" else Producer
     try:
-        client = cls({**props, "bootstrap.servers": props.get("bootstrap.servers", "localhost"),
-                      "logger": logging.getLogger("librdkafka")})
+        client = Consumer({**props,
+                           "bootstrap.servers": props.get("bootstrap.servers", "localhost"),
+                           "logger": logging.getLogger("librdkafka")})
     except (KafkaException, ValueError, TypeError) as exc:
         msg = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
         raise ConfigError(f"kafka-property: {msg}") from None
-    if kind == "consumer":
-        client.close()
+    client.close()
