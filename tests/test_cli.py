@@ -462,8 +462,7 @@ def test_json_logs_every_stderr_line_is_one_object(topic_factory: Callable[..., 
     topic, dlq = topic_factory(partitions=2), topic_factory(partitions=1, prefix="dlq")
     n = 200
     stack.produce(topic, [*(stack.signal_record(i) for i in range(n)), *INVALID])
-    args = ["--topic", topic, "--group-id", stack.group(), "--bootstrap-servers", stack.BOOTSTRAP,
-            "--broker-url", broker_url, "--metrics-addr", "", "--workers", "2",
+    args = [*stack.ingestd_args(topic, stack.group(), broker_url, "--workers", "2"),
             "--dlq-topic", dlq, "--max-record-bytes", MAX_RECORD_BYTES,
             "--log-format", "json", "--log-level", "DEBUG"]
     with Ingestd(*args) as ingestd:
@@ -509,9 +508,8 @@ def test_json_logs_of_a_run_with_a_librdkafka_warning(topic_factory: Callable[..
     topic = topic_factory(partitions=1)
     n = 20
     stack.produce(topic, (stack.signal_record(i) for i in range(n)))
-    args = ["--topic", topic, "--group-id", stack.group(), "--bootstrap-servers", stack.BOOTSTRAP,
-            "--broker-url", broker_url, "--metrics-addr", "", "--workers", "1",
-            "--log-format", "json", *WARNED_PROPERTY]
+    args = stack.ingestd_args(topic, stack.group(), broker_url, "--log-format", "json",
+                              *WARNED_PROPERTY)
     with Ingestd(*args) as ingestd:
         assert stack.wait_until(lambda: queue_len(broker_url) >= n, 90), ingestd.output()[-3000:]
         stop(ingestd)
@@ -590,9 +588,9 @@ def test_metrics_count_the_corpus_exactly_and_survive_a_killed_worker(
     first, first_invalid = corpus(0, 2000)
     port = stack.free_port()
     base = f"http://127.0.0.1:{port}"
-    args = ["--topic", topic, "--group-id", g, "--bootstrap-servers", stack.BOOTSTRAP,
-            "--broker-url", broker_url, "--metrics-addr", f"127.0.0.1:{port}", "--workers", "2",
-            "--dlq-topic", dlq, "--max-record-bytes", MAX_RECORD_BYTES, "--batch-size", "300"]
+    args = stack.ingestd_args(topic, g, broker_url, "--metrics-addr", f"127.0.0.1:{port}",
+                              "--workers", "2", "--dlq-topic", dlq,
+                              "--max-record-bytes", MAX_RECORD_BYTES, "--batch-size", "300")
     with Ingestd(*args) as ingestd:
         # Produced once the group settled: a rebalance mid-batch may repeat records
         # (at least once), and these counts are exact.
@@ -648,9 +646,9 @@ def test_readyz_is_503_naming_the_worker_while_the_broker_is_down(
     broker = private_redis_factory(password=SECRET)
     port = stack.free_port()
     base = f"http://127.0.0.1:{port}"
-    args = ["--topic", topic, "--group-id", stack.group(), "--bootstrap-servers", stack.BOOTSTRAP,
-            "--broker-url", broker.url, "--metrics-addr", f"127.0.0.1:{port}", "--workers", "2",
-            "--retry-max-backoff", "1"]
+    args = stack.ingestd_args(topic, stack.group(), broker.url,
+                              "--metrics-addr", f"127.0.0.1:{port}", "--workers", "2",
+                              "--retry-max-backoff", "1")
     with Ingestd(*args) as ingestd:
         assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 90), \
             (stack.http_get(f"{base}/readyz"), ingestd.output()[-3000:])
