@@ -1,9 +1,11 @@
 """How a worker gets its partitions: group membership, or a static share.
 
 ``group``: the worker subscribes with static membership (``group.instance.id``
-is ``<instance-id>-<slot>``, set in :mod:`ingestd.kafka`) and the
-cooperative-sticky assignor, so a restarted worker gets its partitions back
-without moving anyone else's. Stored offsets are committed on revoke.
+is ``<instance-id>-<slot>``, set in :mod:`ingestd.kafka`) and an incremental
+protocol (KIP-848's ``consumer`` protocol, or the classic one with the
+cooperative-sticky assignor), so a restarted worker gets its partitions back
+without moving anyone else's. librdkafka commits the offsets stored for
+revoked partitions as part of the revoke.
 
 ``static``: every worker computes the same map of partitions to slots from the
 topic metadata and ``assign()``s its own share; commits still go to the group.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
+from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -47,16 +49,26 @@ def names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
 
 
+class Listener(Protocol):
+    """What the worker does when partitions come and go; called on the consumer's thread,
+    inside ``consume()``. None of these may wait for anything that needs the consumer."""
+
+    def assigned(self, partitions: list[TopicPartition]) -> None: ...
+
+    def revoking(self, partitions: list[TopicPartition]) -> None: ...
+
+    def lost(self, partitions: list[TopicPartition]) -> None: ...
+
+
 class Assignment:
     """Owns the consumer's subscription or static assignment."""
 
     def __init__(self, consumer: Consumer, config: Config, slot: int,
-                 commit: Callable[[], None], changed: Callable[[], None]) -> None:
+                 listener: Listener) -> None:
         self.consumer = consumer
         self.config = config
         self.slot = slot
-        self.commit = commit
-        self.changed = changed
+        self.listener = listener
         self.static = config.assignment == "static"
         self.allowed = parse_partitions(config.partitions)
         self.owned: set[tuple[str, int]] = set()
@@ -88,13 +100,13 @@ class Assignment:
             counts[topic] = len(meta.partitions)
         share = set(static_share(counts, self.allowed, self.slot, self.config.workers))
         new = sorted(share - self.owned)
+        self.joined = True
         if new:
             tps = [TopicPartition(t, p) for t, p in new]
             self.consumer.incremental_assign(tps)
             self.owned |= set(new)
             log.info("assigned %s", names(tps))
-        self.joined = True
-        self.changed()
+            self.listener.assigned(tps)
 
     def leave(self, timeout: float) -> None:
         """Leave the group now, so that the partitions move at once.
@@ -111,19 +123,21 @@ class Assignment:
             self.consumer.consume(1000, 0.1)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Assigned here rather than by confluent-kafka after the callback, so that the
+        listener can pause the new partitions before any of their records is fetched."""
         log.info("assigned %s", names(partitions))
+        consumer.incremental_assign(partitions)
         self.owned |= {(tp.topic, tp.partition) for tp in partitions}
         self.joined = True
-        self.changed()
+        self.listener.assigned(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", names(partitions))
-        self.commit()
+        self.listener.revoking(partitions)
         self.owned -= {(tp.topic, tp.partition) for tp in partitions}
-        self.changed()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Lost, not revoked: another member may own them already, so commit nothing."""
+        """Lost, not revoked: another member may own them already, so store nothing."""
         log.warning("lost %s", names(partitions))
         self.owned -= {(tp.topic, tp.partition) for tp in partitions}
-        self.changed()
+        self.listener.lost(partitions)

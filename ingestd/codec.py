@@ -26,6 +26,12 @@ from kombu import serialization
 
 _MARK = "\x01ingestd-args\x01"
 _MARK_ID = "\x01ingestd-id\x01"
+# Batch tasks: the id of each record in the list, aligned with the signals
+# (``<topic>-<partition>-<offset>``), as a message header. Celery hands every
+# header to the task as ``self.request.ingestd_record_ids``. A batch task's own
+# id names the slice of offsets it holds, which depends on how a consume cut
+# the stream; the record ids are what a repeat after a crash keeps.
+RECORD_IDS = "ingestd_record_ids"
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,13 @@ class _RecordingProducer:
         self.call = (body, kwargs)
 
 
-def capture(app: Celery, task: str, queue: str) -> Captured:
+def capture(app: Celery, task: str, queue: str, batch: bool = False) -> Captured:
     """Let Celery build a message for marker inputs and keep its constant parts."""
     recorder = _RecordingProducer(app)
+    extra = {"headers": {RECORD_IDS: [_MARK_ID]}} if batch else {}
     try:
         app.send_task(task, args=[_MARK], kwargs={}, task_id=_MARK_ID, queue=queue,
-                      producer=recorder)
+                      producer=recorder, **extra)
     finally:
         recorder.connection.release()
     assert recorder.call is not None, "send_task did not publish"
@@ -150,10 +157,12 @@ class MessageBuilder:
         return argsrepr(args, self.c.argsrepr_maxsize, few_brackets(raws[0]))
 
     def headers(self, task_id: str, raws: Sequence[bytes], args: list[Any],
-                batch: bool) -> dict[str, Any]:
+                batch: bool, ids: Sequence[str] | None = None) -> dict[str, Any]:
         h = self._headers.copy()
         h["id"] = h["root_id"] = task_id
         h["argsrepr"] = self.argsrepr(raws, args, batch)
+        if RECORD_IDS in h:
+            h[RECORD_IDS] = list(ids or ())
         return h
 
     def properties(self, task_id: str) -> dict[str, Any]:
@@ -173,7 +182,7 @@ class RedisEnvelopes:
     so ids, like base64 and uuids, need no JSON escaping; argsrepr is escaped.
     """
 
-    _SLOTS = ("body", "id", "argsrepr", "tag")
+    _SLOTS = ("body", "id", "argsrepr", "tag", "ids")
 
     def __init__(self, builder: MessageBuilder) -> None:
         self.b = builder
@@ -181,6 +190,8 @@ class RedisEnvelopes:
         marks = {slot: f"\x02{slot}\x02" for slot in self._SLOTS}
         headers = {**c.headers, "id": marks["id"], "root_id": marks["id"],
                    "argsrepr": marks["argsrepr"]}
+        if RECORD_IDS in headers:
+            headers[RECORD_IDS] = marks["ids"]
         props = {"priority": 0, **c.properties, "correlation_id": marks["id"],
                  "delivery_info": {"exchange": c.exchange, "routing_key": c.routing_key},
                  "body_encoding": "base64", "delivery_tag": marks["tag"]}
@@ -196,12 +207,13 @@ class RedisEnvelopes:
         self._pick = operator.itemgetter(*[self._SLOTS.index(s) for s in slots])
 
     def encode(self, task_id: str, raws: Sequence[bytes], args: list[Any], batch: bool,
-               delivery_tag: str) -> bytes:
+               delivery_tag: str, ids: Sequence[str] | None = None) -> bytes:
         b = self.b
         envelope: bytes = self._format % self._pick((
             b'"' + binascii.b2a_base64(b.body(raws, batch), newline=False) + b'"',
             b'"' + task_id.encode() + b'"',
             orjson.dumps(b.argsrepr(raws, args, batch)),
             b'"' + delivery_tag.encode() + b'"',
+            orjson.dumps(ids) if ids is not None else b"[]",
         ))
         return envelope

@@ -75,9 +75,21 @@ def _dlq_topic(v: str | None) -> str | None:
     return None if not v else _topic(v)
 
 
+# Consumer properties that ingestd sets from its own options, or whose other
+# values would break how it hands partitions over.
+_OWNED_PROPERTIES = {
+    "group.protocol": "key=value for any property but group.protocol (use --group-protocol)",
+    "partition.assignment.strategy": "key=value for any property but "
+                                     "partition.assignment.strategy (ingestd relies on the "
+                                     "incremental cooperative-sticky assignor)",
+}
+
+
 def _kafka_property(v: str) -> str | None:
     key, sep, _ = v.partition("=")
-    return None if sep and key.strip() else "key=value"
+    if not (sep and key.strip()):
+        return "key=value"
+    return _OWNED_PROPERTIES.get(key.strip())
 
 
 def parse_partitions(spec: str) -> frozenset[int] | None:
@@ -142,6 +154,10 @@ class Config:
         "pulse_ingest_group", metavar="G", legacy_env="KAFKA_GROUP", help="consumer group")
     assignment: str = setting(
         "group", choices=("group", "static"), help="how partitions are pinned to workers")
+    group_protocol: str = setting(
+        "consumer", choices=("consumer", "classic"),
+        help="group mode: Kafka's consumer group protocol (KIP-848, brokers 4.0 and later) "
+             "or the classic one with the cooperative-sticky assignor")
     instance_id: str = setting(
         lambda: socket.gethostname(), metavar="ID", default_doc="host name",
         help="static membership id prefix; each worker joins as <instance-id>-<slot>")

@@ -1,8 +1,12 @@
 """Publish a batch of Celery task messages to the broker in one round trip.
 
 Redis: one multi-value LPUSH of kombu's JSON envelopes (atomic: all or none).
-AMQP: every message published on a confirm-mode channel, then one wait for the
-broker's acks covering the whole batch.
+AMQP: every message published ``mandatory`` on a confirm-mode channel, then one
+wait for the broker's acks covering the whole batch; a message the broker
+returns as unroutable (its queue deleted or expired) refuses the batch.
+
+Every broker call has a bounded time (:data:`BROKER_TIMEOUT`): a broker that
+stops answering refuses the batch, which the worker retries.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from ingestd.config import Config, redact
 from ingestd.errors import DispatchError
 
 CONNECT_TIMEOUT = 5.0
-CONFIRM_TIMEOUT = 30.0
+BROKER_TIMEOUT = 10.0  # a socket read or write, and the wait for AMQP confirms
 
 
 class Task(NamedTuple):
-    """One task to send: its id, the records' bytes and their decoded objects.
+    """One task to send: its id, the records' bytes and their decoded objects, and in
+    batch dispatch each record's own id (:data:`codec.RECORD_IDS`).
 
     A NamedTuple: one is built per record, and a frozen dataclass costs three
     times as much to create.
@@ -33,6 +38,7 @@ class Task(NamedTuple):
     topic: str
     raws: list[bytes]
     objs: list[Any]
+    ids: list[str] | None = None
 
 
 class Dispatcher(Protocol):
@@ -54,16 +60,22 @@ class Dispatcher(Protocol):
 def celery_app(config: Config) -> Celery:
     """A Celery app used only for its message machinery; it sends nothing itself."""
     app = Celery("ingestd", broker=config.broker_url, set_as_current=False)
+    # kombu's Redis transport has no socket timeout by default, py-amqp none for reads
+    # and writes: without these, a dropped network path would hang a publish forever.
+    timeouts = ({"socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
+                 "socket_keepalive": True} if config.broker_is_redis else
+                {"read_timeout": BROKER_TIMEOUT, "write_timeout": BROKER_TIMEOUT})
     app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False,
-                    broker_connection_timeout=CONNECT_TIMEOUT)
+                    broker_connection_timeout=CONNECT_TIMEOUT,
+                    broker_transport_options=timeouts)
     return app
 
 
 def create(config: Config) -> Dispatcher:
     app = celery_app(config)
     task = config.batch_task if config.dispatch == "batch" else config.task
-    captured = codec.capture(app, task, config.queue)
     batch = config.dispatch == "batch"
+    captured = codec.capture(app, task, config.queue, batch)
     if config.broker_is_redis:
         return RedisDispatcher(app, config.queue, captured, batch)
     return AmqpDispatcher(app, config.queue, captured, batch)
@@ -145,7 +157,7 @@ class RedisDispatcher(_Base):
         tags = codec.delivery_tags(len(tasks))
         enc = self.envelopes.encode
         batch = self.batch
-        return [enc(t.task_id, t.raws, _args(t, batch), batch, tag)
+        return [enc(t.task_id, t.raws, _args(t, batch), batch, tag, t.ids)
                 for t, tag in zip(tasks, tags, strict=True)]
 
     def prepare(self, tasks: Sequence[Task]) -> bytes:
@@ -194,6 +206,7 @@ class AmqpDispatcher(_Base):
         super().__init__(app, queue, captured, batch)
         self._acked = 0
         self._nacked = 0
+        self._returned = 0
         self._published = 0
 
     def _channel(self) -> Any:
@@ -203,7 +216,8 @@ class AmqpDispatcher(_Base):
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
-            self._acked = self._nacked = self._published = 0
+            channel.events["basic_return"].add(self._on_return)
+            self._acked = self._nacked = self._returned = self._published = 0
         return channel
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
@@ -212,6 +226,10 @@ class AmqpDispatcher(_Base):
     def _on_nack(self, tag: int, multiple: bool) -> None:
         self._nacked += 1
         self._acked = max(self._acked, tag)
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        """An unroutable message: the broker confirms it all the same, after this."""
+        self._returned += 1
 
     def prepare(self, tasks: Sequence[Task]) -> Sequence[Task]:
         return tasks  # amqp.Message objects come from the channel, in send()
@@ -222,23 +240,30 @@ class AmqpDispatcher(_Base):
         c = self.captured
         try:
             channel = self._channel()
-            nacked_before = self._nacked
+            nacked_before, returned_before = self._nacked, self._returned
             for t in tasks:
                 body = self.builder.body(t.raws, self.batch)
                 message = channel.prepare_message(
                     body, 0, c.content_type, c.content_encoding,
-                    self.builder.headers(t.task_id, t.raws, _args(t, self.batch), self.batch),
+                    self.builder.headers(t.task_id, t.raws, _args(t, self.batch), self.batch,
+                                         t.ids),
                     self.builder.properties(t.task_id))
-                channel.basic_publish(message, exchange=c.exchange, routing_key=c.routing_key)
+                channel.basic_publish(message, exchange=c.exchange, routing_key=c.routing_key,
+                                      mandatory=True)
             self._published += len(tasks)
             conn = self._connection()
             while self._acked < self._published:
-                conn.drain_events(timeout=CONFIRM_TIMEOUT)
+                conn.drain_events(timeout=BROKER_TIMEOUT)
         except Exception as exc:
             self._reset()
             raise _error("amqp publish failed", exc) from exc
         if self._nacked != nacked_before:
             raise DispatchError("amqp broker refused (nack) part of the batch")
+        if self._returned != returned_before:
+            returned = self._returned - returned_before
+            self._reset()  # the retry declares the queue again, as send_task would
+            raise DispatchError(f"amqp broker returned {returned} unroutable messages "
+                                f"(no queue bound to {c.routing_key!r})")
 
     def queue_depth(self) -> int:
         try:

@@ -16,6 +16,24 @@ _SHARED_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "broker.", "client.
                     "api.version", "reconnect.", "metadata.", "topic.metadata.", "log.")
 
 
+GROUP_PROTOCOLS: dict[str, dict[str, Any]] = {
+    # The broker assigns partitions and reconciles each member on its own: no
+    # group-wide rounds, so a member killed while it gives partitions up does not
+    # leave them without an owner. The session timeout is the broker's.
+    "consumer": {"group.protocol": "consumer"},
+    "classic": {
+        "group.protocol": "classic",
+        # A restarted worker gets its own partitions back without moving others'.
+        "partition.assignment.strategy": "cooperative-sticky",
+        # A static member (group.instance.id) never sends LeaveGroup, not even on
+        # a clean close: the group waits this long before it hands a stopped
+        # worker's partitions to another host. 10 s is ample for a worker restart
+        # (about 2 s) and a quarter of librdkafka's 45 s default.
+        "session.timeout.ms": 10000,
+    },
+}
+
+
 def consumer_config(config: Config, slot: int) -> dict[str, Any]:
     """The consumer's settings: throughput defaults, then every ``-X`` override."""
     props: dict[str, Any] = {
@@ -28,13 +46,6 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
         "auto.commit.interval.ms": 1000,
         # A new group starts at the beginning: skipping records would lose them.
         "auto.offset.reset": "earliest",
-        # A restarted worker gets its own partitions back without moving others'.
-        "partition.assignment.strategy": "cooperative-sticky",
-        # A static member (group.instance.id) never sends LeaveGroup, not even on
-        # a clean close: the group waits this long before it hands a stopped
-        # worker's partitions to another host. 10 s is ample for a worker restart
-        # (about 2 s) and a quarter of librdkafka's 45 s default.
-        "session.timeout.ms": 10000,
         # Bounded prefetch: memory stays flat however large the lag is. The
         # limit is per consumer (librdkafka's default is 64 MiB). The default
         # queued.min.messages (100,000 per partition) stays: lowering it to
@@ -50,6 +61,7 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
     }
     if config.assignment == "group":
         props["group.instance.id"] = f"{config.instance_id}-{slot}"
+        props.update(GROUP_PROTOCOLS[config.group_protocol])
     props.update(config.kafka_properties)
     return props
 

@@ -9,8 +9,10 @@ builds its clients after fork.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
+import faulthandler
 import os
 import select
 import signal
@@ -32,6 +34,7 @@ STOPS = (signal.SIGTERM, signal.SIGINT, REPLACE)
 LOOP_INTERVAL = 0.5
 MAX_RESTART_BACKOFF = 30.0
 BOOT_FAILURES_LIMIT = 5  # a slot that dies this often in a row without ever beating stops ingestd
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -139,6 +142,7 @@ class Supervisor:
 
     def spawn(self, slot: int) -> None:
         heartbeat = Heartbeat()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code: int = ExitCode.RUNTIME
@@ -154,6 +158,7 @@ class Supervisor:
                 for sig in STOPS:
                     signal.signal(sig, lambda signum, _frame: early.append(signum))
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+                _die_with(parent)
                 code = run_worker(self.config, slot, heartbeat, early)
             finally:
                 sys.stdout.flush()
@@ -206,8 +211,8 @@ class Supervisor:
                     _kill(handle.pid, signal.SIGKILL)
                 continue
             if handle.heartbeat.age() > self.config.worker_timeout:
-                log.error("worker %d (pid %d) stuck for %.0fs: killing", handle.slot,
-                          handle.pid, handle.heartbeat.age())
+                log.error("worker %d (pid %d) stuck for %.0fs: killing it; its threads' "
+                          "stacks follow", handle.slot, handle.pid, handle.heartbeat.age())
                 _kill(handle.pid, signal.SIGABRT)
                 handle.stopping_since = time.monotonic() - self.config.drain_timeout + 5
                 self.next_spawn[handle.slot] = 0.0
@@ -315,9 +320,21 @@ class Supervisor:
         return time.monotonic() - self.last_loop < 10 * LOOP_INTERVAL + 5
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel send TERM when the supervisor dies, whatever killed it (even
+    SIGKILL or the OOM killer), so that no worker consumes on as an orphan; one whose
+    supervisor died before this call stops as well."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]) -> int:
     """The worker process's main; returns its exit code."""
     logs.configure(config.log_format, config.log_level, role="worker", slot=slot)
+    # The SIGABRT of a stuck worker (check_heartbeats) prints every thread's stack.
+    faulthandler.enable(all_threads=True)
     from ingestd.worker import Worker  # imported after fork: librdkafka is not fork-safe
 
     try:

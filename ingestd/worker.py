@@ -1,16 +1,25 @@
 """One worker process: Kafka → validated signals → Celery tasks, at-least-once.
 
 The loop reads top to bottom: consume → decode/validate → build messages →
-publish → store offsets. Publishing, storing and committing a batch run on the
-in-flight thread (:mod:`ingestd.inflight`) while this one consumes and builds
-the next batch. An offset is stored only after every record at or below it
-was accepted by the Celery broker or delivered to the dead-letter topic, and
-a batch's offsets are committed before the next batch is published.
+publish → store offsets. Publishing runs on the in-flight thread
+(:mod:`ingestd.inflight`) while this one consumes and builds the next batch.
+
+Only this thread touches the consumer: it stores and commits a batch's
+offsets once the in-flight thread reports that the Celery broker accepted the
+batch, and it serves librdkafka's callbacks. An offset is stored only after
+every record at or below it was accepted by the Celery broker or delivered to
+the dead-letter topic. A batch is published only after the previous batch's
+commit was confirmed, so a crash repeats at most the batch in flight.
+
+Every wait (a slow broker, a refused batch, a commit) keeps the heartbeat
+going and keeps serving Kafka with the partitions paused, and the status that
+``/readyz`` shows says what the worker waits for.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import sys
@@ -39,7 +48,12 @@ RETRY_INITIAL_BACKOFF = 0.1
 # at the default 5 ms switch interval that wait alone would rival them.
 SWITCH_INTERVAL = 0.0005
 DRAIN_SHARE = 0.8  # of --drain-timeout, spent retrying an unsent batch after a stop
+ORPHAN_DRAIN = 3.0  # seconds a worker whose supervisor died spends on its drain
 LEAVE_TIMEOUT = 3.0
+SLOW = 1.0  # a wait longer than this pauses the partitions and shows on /readyz
+SLICE = 0.1  # a long wait serves Kafka and beats this often
+COMMIT_WAIT = 15.0  # longest wait for a commit's confirmation before publishing on
+REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accepted
 
 
 @dataclass
@@ -63,10 +77,16 @@ class Worker:
         self.config = config
         self.slot = slot
         self.beat = beat or (lambda status: None)
+        self.parent = os.getppid()
         self.stopping = False
         self.leave_group = True  # on a stop; not when a successor takes over (REPLACE)
         self.give_up_at = float("inf")
+        self.abandoned = False  # a stop gave up a refused batch: publish and store nothing more
         self.paused_by: set[str] = set()
+        self.waiting = ""  # what a long wait waits for, shown on /readyz
+        self.carry: list[Message] = []  # consumed while waiting for a commit: the next batch's
+        self.uncommitted: dict[tuple[str, int], int] = {}  # stored, commit not yet confirmed
+        self.refused: tuple[Batch, DispatchError] | None = None
         self.fatal: KafkaError | None = None
         self.broker_error = ""
         self.status = ""
@@ -82,11 +102,10 @@ class Worker:
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
         props = kafka.consumer_config(config, slot)
         props.update(error_cb=self._on_kafka_error, stats_cb=self._on_stats,
-                     logger=LIBRDKAFKA_LOG)
+                     on_commit=self._on_commit, logger=LIBRDKAFKA_LOG)
         self.consumer = Consumer(props)
         self.inflight: InFlight[Batch] = InFlight()
-        self.assignment = Assignment(self.consumer, config, slot, self._commit_on_revoke,
-                                     self._update_status)
+        self.assignment = Assignment(self.consumer, config, slot, self)
         self.watch = QueueWatch(config, self._backpressure, self._broker_state)
         from ingestd import metrics  # after fork: PROMETHEUS_MULTIPROC_DIR is set by now
 
@@ -105,26 +124,45 @@ class Worker:
             self._on_stop(stops_before[0], None)
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.assignment.start()
-        self._update_status()
-        n, timeout = self.config.batch_size, self.config.batch_timeout_ms / 1000
         try:
             while not self.stopping:
-                self.beat(self.status)
-                self.assignment.refresh()
-                self.watch.check()
-                messages = self.consumer.consume(n, timeout)
-                if not messages:
-                    self._check_fatal()
-                    self.settle()
+                self._tick()
+                messages = self.consume()
+                self.settle()
+                if not messages or self.abandoned:
                     continue
                 batch = self.decode(messages)
                 batch.messages = self.dispatcher.prepare(batch.tasks)
-                self.settle()
+                self.await_commit()
+                if self.abandoned:
+                    break
                 self.watch.handed_over(len(batch.tasks))
-                self.inflight.submit(batch, self.publish_and_store)
+                self.inflight.submit(batch, self.publish)
             self.settle()
+            if not self.abandoned:
+                self.await_commit()
         finally:
             self.close()
+
+    def _tick(self) -> None:
+        """Once per loop: beat, say how things stand, and look after the assignment and the
+        Celery queue."""
+        self._check_fatal()
+        if self.parent != os.getppid() and not self.stopping:
+            log.warning("the supervisor is gone: stopping")
+            self._on_stop(signal.SIGTERM, None)
+        self._update_status()
+        self.assignment.refresh()
+        self.watch.check()
+
+    def consume(self) -> list[Message]:
+        """The next batch: what was carried over, then what Kafka has, up to the batch size."""
+        n, carry = self.config.batch_size, self.carry
+        self.carry = []
+        if len(carry) >= n:
+            return carry
+        more = self.consumer.consume(n - len(carry), self.config.batch_timeout_ms / 1000)
+        return carry + more if carry else more
 
     def decode(self, messages: list[Message]) -> Batch:
         """Validate each record; a task for each valid one, a dead letter for the rest."""
@@ -134,7 +172,7 @@ class Worker:
         task, add_task = dispatch.Task, batch.tasks.append
         offsets, consumed = batch.offsets, batch.consumed
         each = self.config.dispatch == "each"
-        slices: dict[tuple[str, int], tuple[int, int, list[bytes], list[Any]]] = {}
+        slices: dict[tuple[str, int], tuple[int, int, list[bytes], list[Any], list[str]]] = {}
         oldest = 0
         for msg in messages:
             err = msg.error()
@@ -160,18 +198,20 @@ class Worker:
             if each:
                 add_task(task(f"{topic}-{partition}-{offset}", topic, [raw], [obj]))
             else:
-                first, _, raws, objs = slices.get((topic, partition), (offset, 0, [], []))
+                first, _, raws, objs, ids = slices.get((topic, partition),
+                                                       (offset, 0, [], [], []))
                 raws.append(raw)
                 objs.append(obj)
-                slices[(topic, partition)] = (first, offset, raws, objs)
-        for (topic, partition), (first, last, raws, objs) in slices.items():
-            add_task(task(f"{topic}-{partition}-{first}-{last}", topic, raws, objs))
+                ids.append(f"{topic}-{partition}-{offset}")
+                slices[(topic, partition)] = (first, offset, raws, objs, ids)
+        for (topic, partition), (first, last, raws, objs, ids) in slices.items():
+            add_task(task(f"{topic}-{partition}-{first}-{last}", topic, raws, objs, ids))
         batch.oldest_ms = oldest
         return batch
 
-    def publish_and_store(self, batch: Batch) -> None:
-        """On the in-flight thread: dead letters, then tasks, then offsets; raises
-        DispatchError (nothing stored) when either is refused."""
+    def publish(self, batch: Batch) -> None:
+        """On the in-flight thread: dead letters, then tasks; raises DispatchError when
+        either is refused. Nothing here touches the consumer."""
         if batch.letters and self.dlq is not None and not batch.letters_sent:
             self.dlq.send(batch.letters)
             batch.letters_sent = True
@@ -179,93 +219,160 @@ class Worker:
         self.dispatcher.send(batch.messages)
         self.metrics.dispatch_seconds.observe(time.perf_counter() - started)
         self._count(batch)
-        self.store(batch)
-
-    def store(self, batch: Batch) -> None:
-        """Store the next offset of every partition in the batch, and commit it."""
-        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
-        if not offsets:
-            return
-        try:
-            self.consumer.store_offsets(offsets=offsets)
-        except KafkaException as exc:
-            # A partition revoked while the batch was in flight: its new owner
-            # repeats these records, so there is nothing to store here.
-            log.info("offsets not stored (%s)", exc.args[0].str())
-        self.commit()
 
     # --- the batch in flight ----------------------------------------------
 
     def settle(self) -> None:
-        """Wait for the batch in flight; if the broker refused it, retry it here until it
-        is accepted, keeping the partitions paused and the group membership alive."""
-        done = self.inflight.wait()
-        if done is not None:
-            self.watch.accepted(len(done.tasks))
-            self._broker_state(None)
-        failed = self.inflight.take_failed()
-        if failed is None:
-            return
-        batch, exc = failed
+        """Wait for the batch in flight and store its offsets once the broker accepted it.
+        A refused batch is retried here, with the partitions paused, until it is accepted;
+        a stop that leaves no time for it abandons it, and nothing after it is published
+        or stored."""
+        if not self.inflight.wait(SLOW):
+            self._serve(lambda: self.inflight.wait(0), float("inf"), "publish",
+                        "waiting for the Celery broker to accept a batch")
+        self._collect()
         attempt = 0
-        self._pause("broker", True)
-        while True:
+        while self.refused is not None and not self.abandoned:
+            batch, exc = self.refused
             delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
             delay *= random.uniform(0.5, 1.0)
             attempt += 1
             self.broker_log.warning("%s; retrying in %.1fs (attempt %d), partitions paused",
                                     exc, delay, attempt)
             self._broker_state(exc)
-            if not self._wait(delay):
-                log.warning("stopping with a batch the broker did not accept; its records "
-                            "were not committed and will be consumed again")
-                return
-            try:
-                self.publish_and_store(batch)
-                break
-            except DispatchError as again:
-                exc = again
+            if self._serve(lambda: False, delay, "broker", ""):
+                self.refused = None
+                self.inflight.submit(batch, self.publish)
+                self._serve(lambda: self.inflight.wait(0), float("inf"), "broker", "")
+                self._collect()
+        if self.abandoned and (self.refused or self.inflight.busy):
+            log.warning("stopping with a batch the broker did not accept; it and the records "
+                        "after it were not committed and will be consumed again")
+
+    def _collect(self) -> None:
+        """Act on the batch in flight if it finished: store its offsets, or keep it for a
+        retry."""
+        result = self.inflight.take()
+        if result is None:
+            return
+        batch, exc = result
+        if exc is not None:
+            self.refused = (batch, exc)
+            return
         self.watch.accepted(len(batch.tasks))
         self._broker_state(None)
-        self._pause("broker", False)
+        self.store(batch)
 
-    def _wait(self, seconds: float) -> bool:
-        """Serve Kafka (group membership, callbacks) for ``seconds`` while paused.
-        False when a stop leaves no more time to retry."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if time.monotonic() > self.give_up_at:
-                return False
-            self.beat(self.status)
-            for msg in self.consumer.consume(self.config.batch_size, min(left, 0.5)):
-                # Paused partitions deliver nothing; should one slip through,
-                # rewind so it is consumed again after the resume.
-                if msg.error() is None:
-                    self.consumer.seek(TopicPartition(*cast(tuple[str, int, int], (
-                        msg.topic(), msg.partition(), msg.offset()))))
-            self._check_fatal()
-        return True
-
-    def commit(self) -> None:
-        """Commit the stored offsets synchronously; nothing stored is not an error."""
+    def store(self, batch: Batch) -> None:
+        """Store the next offset of every partition of the batch that this worker still
+        owns, and commit them in the background (confirmed in :meth:`_on_commit`)."""
+        owned = self.assignment.owned
+        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()
+                   if (t, p) in owned]
+        if not offsets:
+            return
         try:
-            self.consumer.commit(asynchronous=False)
+            self.consumer.store_offsets(offsets=offsets)
         except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.code() != KafkaError._NO_OFFSET:
-                self.metrics.commit_failures.inc()
-                self.kafka_log.warning("offset commit failed: %s", err.str())
+            self.kafka_log.warning("offsets not stored: %s", exc.args[0].str())
+            return
+        for tp in offsets:
+            self.uncommitted[(tp.topic, tp.partition)] = tp.offset
+        self.commit(asynchronous=True)
 
-    def _commit_on_revoke(self) -> None:
-        done = self.inflight.wait()  # its offsets are stored before the partitions go
-        if done is not None:
-            self.watch.accepted(len(done.tasks))
-        self.commit()
+    def commit(self, asynchronous: bool) -> None:
+        """Commit the stored offsets; nothing stored is not an error."""
+        try:
+            if asynchronous:
+                self.consumer.commit(asynchronous=True)
+            else:
+                self.consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            self._commit_failed(exc.args[0])
+
+    def await_commit(self) -> None:
+        """Before the next batch is published: the last batch's commit is confirmed, so that
+        a crash repeats at most one batch. librdkafka puts commit results ahead of the
+        fetched records, so one short consume serves it; what that consume returns is
+        carried into the next batch."""
+        deadline = time.monotonic() + SLOW
+        n = self.config.batch_size
+        while self.uncommitted and len(self.carry) < n and time.monotonic() < deadline:
+            self.carry.extend(self.consumer.consume(1, 0.002))
+        if self.uncommitted:
+            self._serve(lambda: not self.uncommitted, COMMIT_WAIT, "commit",
+                        "waiting for Kafka to confirm an offset commit")
+        if self.uncommitted and not self.abandoned:
+            self.kafka_log.warning("offset commit not confirmed within %.0fs; going on",
+                                   COMMIT_WAIT)
+            self.uncommitted.clear()
+
+    def _serve(self, done: Callable[[], bool], seconds: float, why: str, status: str) -> bool:
+        """Serve Kafka with every partition paused until ``done()`` or ``seconds`` pass:
+        group membership, rebalances and callbacks go on, no record is taken. Should a
+        paused partition deliver records, it is rewound to the first of them. False when
+        a stop leaves no more time: the caller's batch is abandoned."""
+        self._pause(why, True)
+        self.waiting = status
+        rewind: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + seconds
+        try:
+            while not done() and (left := deadline - time.monotonic()) > 0:
+                if time.monotonic() > self.give_up_at:
+                    self.abandoned = True
+                    return False
+                self._check_fatal()
+                self._update_status()
+                slipped = self.consumer.consume(self.config.batch_size, min(left, SLICE))
+                self._rewind(slipped, rewind)
+            return True
+        finally:
+            self.waiting = ""
+            self._pause(why, False)
+
+    def _rewind(self, slipped: list[Message], rewind: dict[tuple[str, int], int]) -> None:
+        """Seek each partition that delivered records while paused back to the first of
+        them, so that they are consumed again after the resume."""
+        seek: set[tuple[str, int]] = set()
+        for msg in slipped:
+            if msg.error() is None:
+                key = cast(tuple[str, int], (msg.topic(), msg.partition()))
+                offset = cast(int, msg.offset())
+                rewind[key] = min(rewind.get(key, offset), offset)
+                seek.add(key)
+        for topic, partition in seek:
+            self.consumer.seek(TopicPartition(topic, partition, rewind[(topic, partition)]))
+
+    # --- partitions coming and going (called inside consume()) --------------
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """New partitions start paused while any pause reason holds."""
+        if self.paused_by:
+            self.consumer.pause(partitions)
+
+    def revoking(self, partitions: list[TopicPartition]) -> None:
+        """Let the batch in flight finish, so that its offsets are stored before the
+        partitions go: librdkafka commits them as part of the revoke. The in-flight thread
+        never needs the consumer, so this wait cannot wait for itself."""
+        deadline = time.monotonic() + REVOKE_WAIT
+        while not self.inflight.wait(SLICE) and time.monotonic() < deadline:
+            self.beat(self.status)
+        if self.inflight.wait(0):
+            self._collect()
+        self._forget(partitions)
+
+    def lost(self, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.uncommitted.pop((tp.topic, tp.partition), None)
 
     # --- state ------------------------------------------------------------
 
     def _pause(self, why: str, on: bool) -> None:
-        """Pause the assigned partitions while any reason (broker, backpressure) holds."""
+        """Pause the assigned partitions while any reason (broker, backpressure, a slow
+        publish or commit) holds."""
         before = bool(self.paused_by)
         if on:
             self.paused_by.add(why)
@@ -297,6 +404,8 @@ class Worker:
         """The status line the supervisor reads for /readyz: ``ready`` or why not."""
         if self.broker_error:
             self.status = self.broker_error
+        elif self.waiting:
+            self.status = self.waiting
         elif not self.assignment.joined:
             self.status = "waiting for partition assignment"
         else:
@@ -330,6 +439,33 @@ class Worker:
 
     # --- Kafka callbacks and signals ---------------------------------------
 
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """A commit's result (ours, or librdkafka's own periodic one): confirm what it
+        covers. A failed commit is counted and confirms nothing more is coming; librdkafka
+        commits the stored offsets again within a second."""
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            self._commit_failed(err)
+            self.uncommitted.clear()
+            return
+        if err is not None:  # nothing left to commit: all stored offsets are committed
+            self.uncommitted.clear()
+            return
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if tp.error is not None:
+                self._commit_failed(tp.error)
+                self.uncommitted.pop(key, None)
+            elif key in self.uncommitted and tp.offset >= self.uncommitted[key]:
+                del self.uncommitted[key]
+
+    def _commit_failed(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._NO_OFFSET:
+            return
+        if err.fatal():
+            self.fatal = err
+        self.metrics.commit_failures.inc()
+        self.kafka_log.warning("offset commit failed: %s", err.str())
+
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
             self.fatal = err
@@ -344,7 +480,8 @@ class Worker:
 
     def _check_fatal(self) -> None:
         if self.fatal is not None:
-            raise KafkaFatalError(f"fatal Kafka error: {self.fatal.str()}")
+            raise KafkaFatalError(f"fatal Kafka error: {self.fatal.str()}; exiting so that "
+                                  "a fresh worker rejoins")
 
     def _on_stats(self, stats_json: str) -> None:
         import orjson
@@ -360,25 +497,34 @@ class Worker:
     def _on_stop(self, signum: int, _frame: Any) -> None:
         if not self.stopping:
             self.stopping = True
-            self.give_up_at = time.monotonic() + DRAIN_SHARE * self.config.drain_timeout
+            budget = DRAIN_SHARE * self.config.drain_timeout
+            if self.parent != os.getppid():  # the supervisor died: nobody waits for us
+                budget = min(budget, ORPHAN_DRAIN)
+            self.give_up_at = time.monotonic() + budget
             self.leave_group = signum != REPLACE
 
     def close(self) -> None:
-        """Commit what was stored and leave the group."""
+        """Commit what was stored and leave the group; after a fatal error, just close."""
         self.inflight.close()
-        self.commit()
+        if self.fatal is None:
+            self.commit(asynchronous=False)
         # librdkafka's close waits for a pending rebalance with no bound; the offsets
         # are committed by now, so a close that overruns the drain is abandoned.
         closing = threading.Thread(target=self._leave_and_close, name="close", daemon=True)
         closing.start()
-        closing.join(max(1.0, (1 - DRAIN_SHARE) * self.config.drain_timeout - 1.0))
+        orphan = self.parent != os.getppid()
+        closing.join(1.0 if orphan else max(1.0, (1 - DRAIN_SHARE) * self.config.drain_timeout
+                                            - 1.0))
         if closing.is_alive():
             log.warning("consumer close did not finish in time; exiting without it")
 
     def _leave_and_close(self) -> None:
-        if self.leave_group:
-            self.assignment.leave(LEAVE_TIMEOUT)
-        self.consumer.close()
+        try:
+            if self.leave_group and self.fatal is None:
+                self.assignment.leave(LEAVE_TIMEOUT)
+            self.consumer.close()
+        except KafkaException as exc:
+            log.warning("consumer close: %s", exc.args[0].str())
         if self.dlq is not None:
             self.dlq.close()
         self.watch.close()

@@ -177,17 +177,22 @@ def _compare_each(d: dispatch.RedisDispatcher, client: redis.Redis, queue: str,
 def _compare_batch(d: dispatch.RedisDispatcher, client: redis.Redis, queue: str,
                    batches: list[list[dict[str, Any]]]) -> None:
     ids = [f"pulse_signals-0-{10 * i}-{10 * i + len(b) - 1}" for i, b in enumerate(batches)]
-    for task_id, objs in zip(ids, batches, strict=True):
-        d.app.send_task(BATCH_TASK, args=[objs], kwargs={}, task_id=task_id, queue=queue)
+    record_ids = [[f"pulse_signals-0-{10 * i + k}" for k in range(len(b))]
+                  for i, b in enumerate(batches)]
+    for task_id, objs, rids in zip(ids, batches, record_ids, strict=True):
+        d.app.send_task(BATCH_TASK, args=[objs], kwargs={}, task_id=task_id, queue=queue,
+                        headers={codec.RECORD_IDS: rids})
     theirs = _drain(client, queue)
-    d.publish([dispatch.Task(task_id, "pulse_signals", [orjson.dumps(o) for o in objs], objs)
-               for task_id, objs in zip(ids, batches, strict=True)])
+    d.publish([dispatch.Task(task_id, "pulse_signals", [orjson.dumps(o) for o in objs], objs,
+                             rids)
+               for task_id, objs, rids in zip(ids, batches, record_ids, strict=True)])
     ours = _drain(client, queue)
     assert len(ours) == len(theirs) == len(batches)
-    for mine, celery_s, objs in zip(ours, theirs, batches, strict=True):
+    for mine, celery_s, objs, rids in zip(ours, theirs, batches, record_ids, strict=True):
         assert_same_envelope(mine, celery_s)
         envelope = json.loads(mine)
         assert envelope["headers"]["task"] == BATCH_TASK
+        assert envelope["headers"][codec.RECORD_IDS] == rids
         assert _decode_body(envelope) == [[objs], {}, EMBED]
 
 
@@ -439,7 +444,8 @@ def _assert_same_amqp(ours: Any, theirs: Any) -> None:
 def _amqp_compare(d: dispatch.AmqpDispatcher, queue: str, task: str,
                   args_list: list[list[Any]], tasks: list[dispatch.Task]) -> None:
     for args, t in zip(args_list, tasks, strict=True):
-        d.app.send_task(task, args=args, kwargs={}, task_id=t.task_id, queue=queue)
+        extra = {"headers": {codec.RECORD_IDS: t.ids}} if t.ids is not None else {}
+        d.app.send_task(task, args=args, kwargs={}, task_id=t.task_id, queue=queue, **extra)
     theirs = _amqp_fetch(queue, len(tasks))
     d.publish(tasks)
     ours = _amqp_fetch(queue, len(tasks))
@@ -465,7 +471,8 @@ def test_amqp_batch_matches_send_task(amqp_dispatchers: Callable[..., dispatch.A
                                       amqp_queue: str) -> None:
     d = amqp_dispatchers(amqp_queue, "batch")
     batches = [CURATED[:1], CURATED, CURATED[2:4]]
-    tasks = [dispatch.Task(f"t-0-{i}-{i + len(b)}", "t", [orjson.dumps(o) for o in b], b)
+    tasks = [dispatch.Task(f"t-0-{i}-{i + len(b)}", "t", [orjson.dumps(o) for o in b], b,
+                           [f"t-0-{i + k}" for k in range(len(b))])
              for i, b in enumerate(batches)]
     _amqp_compare(d, amqp_queue, BATCH_TASK, [[b] for b in batches], tasks)
 
