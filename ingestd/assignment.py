@@ -122,6 +122,17 @@ class Assignment:
         while self.consumer.assignment() and time.monotonic() < deadline:
             self.consumer.consume(1000, 0.1)
 
+    def rejoin(self, timeout: float) -> None:
+        """Leave the group and subscribe again: the rebalance that follows hands out
+        partitions that a member killed in the middle of a rebalance left without an owner
+        (classic protocol with static members: its successor takes back the assignment it
+        had been given, and no second round runs)."""
+        if self.static:
+            return
+        log.info("rejoining the group to have every partition assigned")
+        self.leave(timeout)
+        self.start()
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Assigned here rather than by confluent-kafka after the callback, so that the
         listener can pause the new partitions before any of their records is fetched."""

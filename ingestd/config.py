@@ -155,9 +155,9 @@ class Config:
     assignment: str = setting(
         "group", choices=("group", "static"), help="how partitions are pinned to workers")
     group_protocol: str = setting(
-        "consumer", choices=("consumer", "classic"),
-        help="group mode: Kafka's consumer group protocol (KIP-848, brokers 4.0 and later) "
-             "or the classic one with the cooperative-sticky assignor")
+        "classic", choices=("classic", "consumer"),
+        help="group mode: classic (cooperative-sticky assignor; a restarted worker takes "
+             "its partitions back at once) or consumer (KIP-848, brokers 4.0 and later)")
     instance_id: str = setting(
         lambda: socket.gethostname(), metavar="ID", default_doc="host name",
         help="static membership id prefix; each worker joins as <instance-id>-<slot>")

@@ -19,6 +19,9 @@ STARTING = "starting"
 # member id (HUP): drain, but stay in the group, so that no rebalance happens.
 # TERM and INT drain and leave the group.
 REPLACE = signal.SIGUSR1
+# Sent by the supervisor when partitions stay without an owner (classic protocol):
+# leave the group and join again, so that a rebalance hands them out.
+REJOIN = signal.SIGUSR2
 
 
 class Heartbeat:

@@ -68,12 +68,13 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
 
 def producer_config(config: Config) -> dict[str, Any]:
     """The dead-letter producer: durable, idempotent, sharing the consumer's security."""
-    props: dict[str, Any] = {
-        "bootstrap.servers": config.bootstrap_servers,
-        "acks": "all",
-        "enable.idempotence": True,
-        "linger.ms": 5,
-    }
+    return {**admin_config(config), "acks": "all", "enable.idempotence": True, "linger.ms": 5}
+
+
+def admin_config(config: Config) -> dict[str, Any]:
+    """A client that only needs to reach the cluster: the consumer's connection and
+    security settings, nothing about fetching."""
+    props: dict[str, Any] = {"bootstrap.servers": config.bootstrap_servers}
     props.update({k: v for k, v in config.kafka_properties.items()
                   if k.startswith(_SHARED_PREFIXES)})
     return props

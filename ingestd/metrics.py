@@ -7,6 +7,7 @@ supervisor sets it (and wipes the folder) before the first fork.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
@@ -36,6 +37,9 @@ backpressure_paused = Gauge("ingestd_backpressure_paused",
 workers_alive = Gauge("ingestd_workers_alive", "Worker processes alive",
                       multiprocess_mode="livemax")
 worker_restarts = Counter("ingestd_worker_restarts_total", "Workers replaced after they died")
+unowned_partitions = Gauge("ingestd_unowned_partitions",
+                           "Partitions of a subscribed topic that no member of the group owns",
+                           ["topic"], multiprocess_mode="livemax")
 
 
 # --- dead processes ------------------------------------------------------------
@@ -63,12 +67,17 @@ def archive_dead_process(pid: int) -> None:
             dead = os.path.join(directory, f"{kind}_{pid}.db")
             if not os.path.exists(dead):
                 continue
+            if os.path.getsize(dead) == 0:  # died before its first write: nothing to fold
+                os.remove(dead)
+                continue
             archive = MmapedDict(os.path.join(directory, f"{kind}_{ARCHIVE_ID}.db"))
             try:
                 for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
                     current = archive.read_value(key)  # (value, timestamp) in 0.20 and later
                     current = current[0] if isinstance(current, tuple) else current
                     archive.write_value(key, current + value, timestamp)
+            except (struct.error, ValueError):
+                pass  # a file cut short by the death: what it held cannot be read
             finally:
                 archive.close()
             os.remove(dead)

@@ -6,6 +6,9 @@ the task id and the score in Redis, so that callers can count what ran:
 
 - ``<prefix>scores``: hash, field = task id (``<id>/<i>`` for batch items), value = score
 - ``<prefix>executed``: counter of executed signals, repeats included
+- ``<prefix>runs``: hash, field = record id (``<topic>-<partition>-<offset>``: the task id,
+  or for batch tasks each id in the ``ingestd_record_ids`` header), value = times executed,
+  so that callers can tell which record ran more than once
 
 The broker comes from ``CELERY_BROKER_URL`` (default ``redis://localhost:6379/0``);
 the results go to ``INGESTD_RESULTS_URL``, else to the broker when it is Redis.
@@ -21,10 +24,13 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
+from ingestd.codec import RECORD_IDS
+
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
 RESULTS_PREFIX = os.environ.get("INGESTD_RESULTS_PREFIX", "ingestd:ref:")
 SCORES_KEY = RESULTS_PREFIX + "scores"
 EXECUTED_KEY = RESULTS_PREFIX + "executed"
+RUNS_KEY = RESULTS_PREFIX + "runs"
 
 app = Celery("ingestd_reference", broker=BROKER_URL)
 app.conf.update(
@@ -82,22 +88,26 @@ def score(signal: dict[str, Any]) -> float:
     return stats.add(float(signal["value"]))
 
 
-def _record(scores: dict[str, float]) -> None:
+def _record(scores: dict[str, float], runs: list[str]) -> None:
     pipe = _results().pipeline(transaction=False)
     pipe.hset(SCORES_KEY, mapping={k: repr(v) for k, v in scores.items()})
     pipe.incrby(EXECUTED_KEY, len(scores))
+    for record_id in runs:
+        pipe.hincrby(RUNS_KEY, record_id, 1)
     pipe.execute()
 
 
 @app.task(name="ingest_and_score_signal", bind=True)
 def ingest_and_score_signal(self: Task, signal: dict[str, Any]) -> float:
     z = score(signal)
-    _record({str(self.request.id): z})
+    _record({str(self.request.id): z}, [str(self.request.id)])
     return z
 
 
 @app.task(name="ingest_and_score_signals", bind=True)
 def ingest_and_score_signals(self: Task, signals: list[dict[str, Any]]) -> list[float]:
     zs = [score(s) for s in signals]
-    _record({f"{self.request.id}/{i}": z for i, z in enumerate(zs)})
+    # Only ingestd sets the header; a plain send_task carries none.
+    record_ids = getattr(self.request, RECORD_IDS, None) or []
+    _record({f"{self.request.id}/{i}": z for i, z in enumerate(zs)}, [str(i) for i in record_ids])
     return zs

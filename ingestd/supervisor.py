@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ingestd import logs
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
-from ingestd.heartbeat import READY, REPLACE, STARTING, Heartbeat
+from ingestd.heartbeat import READY, REJOIN, REPLACE, STARTING, Heartbeat
 from ingestd.systemd import Notifier
 
 log = logs.get("supervisor")
@@ -34,7 +34,11 @@ STOPS = (signal.SIGTERM, signal.SIGINT, REPLACE)
 LOOP_INTERVAL = 0.5
 MAX_RESTART_BACKOFF = 30.0
 BOOT_FAILURES_LIMIT = 5  # a slot that dies this often in a row without ever beating stops ingestd
+QUICK_DEATH = 10.0  # a worker that dies this soon after it started is restarted with backoff
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCHER = -1  # the slot number of the process that watches partition ownership (owners.py)
+WATCHER_RESTART = 5.0
+REJOIN_INTERVAL = 30.0  # between two requests to rejoin while partitions lack an owner
 
 
 @dataclass
@@ -44,6 +48,7 @@ class WorkerHandle:
     heartbeat: Heartbeat
     generation: int = 0  # HUP replaces the workers of older generations
     stopping_since: float | None = None
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -51,9 +56,13 @@ class Supervisor:
         self.config: Config = loaded.config
         self.reload_config = reload
         self.workers: dict[int, WorkerHandle] = {}  # slot -> handle
+        self.watcher: WorkerHandle | None = None  # group mode: see ingestd.owners
+        self.next_watcher = 0.0
+        self.next_rejoin = 0.0
         self.target = self.config.workers
         self.signals: list[int] = []
         self.failures: dict[int, int] = {}  # slot -> failures in a row
+        self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row soon after start
         self.next_spawn: dict[int, float] = {}
         self.exit_code: int | None = None  # set when the loop should end
         self.draining_until: float | None = None
@@ -113,11 +122,13 @@ class Supervisor:
                 break
             if self.draining_until is None:
                 self.check_heartbeats()
+                self.check_ownership()
                 self.roll()
                 self.reconcile()
                 self.notify_systemd()
             self.systemd.watchdog()
             self.sleep()
+        self.end_watcher()
         return self.exit_code
 
     def notify_systemd(self) -> None:
@@ -141,16 +152,29 @@ class Supervisor:
             pass
 
     def spawn(self, slot: int) -> None:
+        config = self.config
+        pid, heartbeat = self._fork(lambda beat, early: run_worker(config, slot, beat, early))
+        self.workers[slot] = WorkerHandle(slot, pid, heartbeat, generation=self.generation)
+        log.info("worker %d started (pid %d)", slot, pid)
+
+    def spawn_watcher(self) -> None:
+        config = self.config
+        pid, heartbeat = self._fork(lambda beat, _early: run_watcher(config, beat))
+        self.watcher = WorkerHandle(WATCHER, pid, heartbeat)
+
+    def _fork(self, main: Callable[[Heartbeat, list[int]], int]) -> tuple[int, Heartbeat]:
+        """Fork a child that runs ``main`` with signals as a worker needs them."""
         heartbeat = Heartbeat()
         parent = os.getpid()
         pid = os.fork()
-        if pid == 0:  # the worker
+        if pid == 0:  # the child
             code: int = ExitCode.RUNTIME
             try:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 # Meant for the supervisor; `systemctl kill` sends them to every process.
-                for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+                # A worker installs its REJOIN handler when it runs.
+                for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, REJOIN):
                     signal.signal(sig, signal.SIG_IGN)
                 # Until the worker installs its own handlers, a stop is only noted:
                 # a worker still booting must not die of the TERM of a drain.
@@ -159,13 +183,12 @@ class Supervisor:
                     signal.signal(sig, lambda signum, _frame: early.append(signum))
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 _die_with(parent)
-                code = run_worker(self.config, slot, heartbeat, early)
+                code = main(heartbeat, early)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        self.workers[slot] = WorkerHandle(slot, pid, heartbeat, generation=self.generation)
-        log.info("worker %d started (pid %d)", slot, pid)
+        return pid, heartbeat
 
     def reap(self) -> None:
         while True:
@@ -175,6 +198,9 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.watcher is not None and pid == self.watcher.pid:
+                self._watcher_exited(status)
+                continue
             handle = next((h for h in self.workers.values() if h.pid == pid), None)
             if handle is None:
                 continue
@@ -198,13 +224,65 @@ class Supervisor:
                           handle.slot, self.failures[handle.slot])
                 self.stop_now(ExitCode.BOOT)
                 return
-            delay = min(MAX_RESTART_BACKOFF, 0.5 * 2 ** (self.failures[handle.slot] - 1))
+            quick = time.monotonic() - handle.started < QUICK_DEATH
+            self.quick_deaths[handle.slot] = self.quick_deaths.get(handle.slot, 0) + 1 if quick \
+                else 0
+            streak = max(self.failures[handle.slot], self.quick_deaths[handle.slot])
+            delay = min(MAX_RESTART_BACKOFF, 0.5 * 2 ** (streak - 1))
             self.next_spawn[handle.slot] = time.monotonic() + delay
             _count_restart()
             log.warning("worker %d (pid %d) died (%s); restarting in %.1fs", handle.slot, pid,
                         _describe_exit(code), delay)
 
+    def _watcher_exited(self, status: int) -> None:
+        assert self.watcher is not None
+        code = os.waitstatus_to_exitcode(status)
+        if self.watcher.stopping_since is None and self.draining_until is None:
+            log.warning("ownership watcher (pid %d) died (%s); restarting in %.0fs",
+                        self.watcher.pid, _describe_exit(code), WATCHER_RESTART)
+        self.watcher.heartbeat.close()
+        _mark_dead(self.watcher.pid)
+        self.watcher = None
+        self.next_watcher = time.monotonic() + WATCHER_RESTART
+
+    def end_watcher(self, grace: float = 2.0) -> None:
+        """At exit: the watcher was asked to stop when the drain began; wait a moment."""
+        if self.watcher is None:
+            return
+        self.stop_watcher()
+        deadline = time.monotonic() + grace
+        while self.watcher is not None and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        if self.watcher is not None:
+            self.stop_now(self.exit_code or ExitCode.OK)
+
+    def stop_watcher(self) -> None:
+        if self.watcher is not None and self.watcher.stopping_since is None:
+            self.watcher.stopping_since = time.monotonic()
+            _kill(self.watcher.pid, signal.SIGTERM)
+
+    def check_ownership(self) -> None:
+        """Classic protocol: while the watcher reports partitions without an owner, ask one
+        ready worker to rejoin the group, which makes the group hand them out again. (The
+        consumer protocol reconciles on the broker; nothing to do there.)"""
+        if (self.watcher is None or self.config.group_protocol != "classic"
+                or self.watcher.heartbeat.status() in (READY, STARTING)
+                or time.monotonic() < self.next_rejoin):
+            return
+        ready = [h for slot, h in sorted(self.workers.items()) if h.stopping_since is None
+                 and h.heartbeat.status() == READY]
+        if ready:
+            log.warning("partitions without an owner: asking worker %d to rejoin the group",
+                        ready[0].slot)
+            _kill(ready[0].pid, REJOIN)
+            self.next_rejoin = time.monotonic() + REJOIN_INTERVAL
+
     def check_heartbeats(self) -> None:
+        watcher = self.watcher
+        if watcher is not None and watcher.heartbeat.age() > self.config.worker_timeout:
+            log.error("ownership watcher (pid %d) stuck: killing it", watcher.pid)
+            _kill(watcher.pid, signal.SIGKILL)
         for handle in list(self.workers.values()):
             if handle.stopping_since is not None:
                 if time.monotonic() - handle.stopping_since > self.config.drain_timeout:
@@ -227,6 +305,9 @@ class Supervisor:
                 log.info("stopping worker %d (pid %d)", slot, handle.pid)
                 handle.stopping_since = now
                 _kill(handle.pid, signal.SIGTERM)
+        if (self.config.assignment == "group" and self.watcher is None
+                and now >= self.next_watcher):
+            self.spawn_watcher()
         _set_alive(len(self.workers))
 
     def drain(self) -> None:
@@ -235,6 +316,7 @@ class Supervisor:
         log.info("draining %d workers (up to %.0fs)", len(self.workers), self.config.drain_timeout)
         self.draining_until = time.monotonic() + self.config.drain_timeout
         self.systemd.stopping()
+        self.stop_watcher()
         for handle in self.workers.values():
             handle.stopping_since = time.monotonic()
             _kill(handle.pid, signal.SIGTERM)
@@ -249,13 +331,15 @@ class Supervisor:
             self.stop_now(ExitCode.RUNTIME)
 
     def stop_now(self, code: int = ExitCode.OK) -> None:
-        for handle in self.workers.values():
+        handles = [*self.workers.values(), *([self.watcher] if self.watcher else [])]
+        for handle in handles:
             _kill(handle.pid, signal.SIGKILL)
-        for handle in list(self.workers.values()):
+        for handle in handles:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(handle.pid, 0)
             _mark_dead(handle.pid)
         self.workers.clear()
+        self.watcher = None
         self.exit_code = code
 
     def resize(self, target: int) -> None:
@@ -279,6 +363,7 @@ class Supervisor:
             return
         log.info("HUP: configuration reloaded; replacing workers one at a time")
         self.config = loaded.config
+        self.stop_watcher()  # restarted with the new configuration
         self.target = self.config.workers
         self.generation += 1
         self.rolling = sorted(slot for slot in self.workers if slot < self.target)
@@ -314,6 +399,9 @@ class Supervisor:
                 problems[str(slot)] = f"no heartbeat for {handle.heartbeat.age():.0f}s"
             elif status != READY:
                 problems[str(slot)] = status
+        ownership = self.watcher.heartbeat.status() if self.watcher else READY
+        if ownership not in (READY, STARTING):
+            problems["partitions"] = ownership
         return not problems and self.draining_until is None, problems
 
     def alive(self) -> bool:
@@ -350,6 +438,19 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]
         return int(exc.exit_code)
     except Exception:
         log.exception("worker crashed")
+        return ExitCode.RUNTIME
+    return ExitCode.OK
+
+
+def run_watcher(config: Config, heartbeat: Heartbeat) -> int:
+    """The ownership watcher's main (group mode); returns its exit code."""
+    logs.configure(config.log_format, config.log_level, role="watcher")
+    from ingestd.owners import Watcher  # imported after fork: librdkafka is not fork-safe
+
+    try:
+        Watcher(config, heartbeat.beat).run()
+    except Exception:
+        log.exception("ownership watcher crashed")
         return ExitCode.RUNTIME
     return ExitCode.OK
 

@@ -37,7 +37,7 @@ from ingestd.backpressure import QueueWatch
 from ingestd.config import Config
 from ingestd.dlq import DeadLetter, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
-from ingestd.heartbeat import READY, REPLACE
+from ingestd.heartbeat import READY, REJOIN, REPLACE
 from ingestd.inflight import InFlight
 from ingestd.schema import Validator
 
@@ -79,6 +79,7 @@ class Worker:
         self.beat = beat or (lambda status: None)
         self.parent = os.getppid()
         self.stopping = False
+        self.rejoin = False  # asked by the supervisor (REJOIN)
         self.leave_group = True  # on a stop; not when a successor takes over (REPLACE)
         self.give_up_at = float("inf")
         self.abandoned = False  # a stop gave up a refused batch: publish and store nothing more
@@ -120,6 +121,7 @@ class Worker:
         """
         for sig in (signal.SIGTERM, signal.SIGINT, REPLACE):
             signal.signal(sig, self._on_stop)
+        signal.signal(REJOIN, self._on_rejoin)
         if stops_before:
             self._on_stop(stops_before[0], None)
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -151,6 +153,9 @@ class Worker:
         if self.parent != os.getppid() and not self.stopping:
             log.warning("the supervisor is gone: stopping")
             self._on_stop(signal.SIGTERM, None)
+        if self.rejoin:
+            self.rejoin = False
+            self.assignment.rejoin(LEAVE_TIMEOUT)
         self._update_status()
         self.assignment.refresh()
         self.watch.check()
@@ -335,7 +340,9 @@ class Worker:
         them, so that they are consumed again after the resume."""
         seek: set[tuple[str, int]] = set()
         for msg in slipped:
-            if msg.error() is None:
+            if (err := msg.error()) is not None:
+                self._on_message_error(err)
+            else:
                 key = cast(tuple[str, int], (msg.topic(), msg.partition()))
                 offset = cast(int, msg.offset())
                 rewind[key] = min(rewind.get(key, offset), offset)
@@ -461,19 +468,19 @@ class Worker:
     def _commit_failed(self, err: KafkaError) -> None:
         if err.code() == KafkaError._NO_OFFSET:
             return
-        if err.fatal():
+        if _fatal(err):
             self.fatal = err
         self.metrics.commit_failures.inc()
         self.kafka_log.warning("offset commit failed: %s", err.str())
 
     def _on_kafka_error(self, err: KafkaError) -> None:
-        if err.fatal():
+        if _fatal(err):
             self.fatal = err
         else:
             self.kafka_log.warning("%s (librdkafka retries)", err.str())
 
     def _on_message_error(self, err: KafkaError) -> None:
-        if err.fatal():
+        if _fatal(err):
             self.fatal = err
         elif err.code() != KafkaError._PARTITION_EOF:
             self.kafka_log.warning("%s", err.str())
@@ -503,6 +510,9 @@ class Worker:
             self.give_up_at = time.monotonic() + budget
             self.leave_group = signum != REPLACE
 
+    def _on_rejoin(self, _signum: int, _frame: Any) -> None:
+        self.rejoin = True
+
     def close(self) -> None:
         """Commit what was stored and leave the group; after a fatal error, just close."""
         self.inflight.close()
@@ -529,3 +539,10 @@ class Worker:
             self.dlq.close()
         self.watch.close()
         self.dispatcher.close()
+
+
+def _fatal(err: KafkaError) -> bool:
+    """librdkafka reports a fatal error (fencing, an instance id still in use) to the
+    error callback and as a consumed error with the code _FATAL, where ``fatal()`` is
+    False."""
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
