@@ -36,6 +36,8 @@ MAX_RESTART_BACKOFF = 30.0
 BOOT_FAILURES_LIMIT = 5  # a slot that dies this often in a row without ever beating stops ingestd
 QUICK_DEATH = 10.0  # a worker that dies this soon after it started is restarted with backoff
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_NAME = 15
+WATCHER_NAME = "ingestd-owners"  # the watcher's process name (ps -o comm, top)
 WATCHER = -1  # the slot number of the process that watches partition ownership (owners.py)
 WATCHER_RESTART = 5.0
 REJOIN_INTERVAL = 30.0  # between two requests to rejoin while partitions lack an owner
@@ -153,23 +155,27 @@ class Supervisor:
 
     def spawn(self, slot: int) -> None:
         config = self.config
-        pid, heartbeat = self._fork(lambda beat, early: run_worker(config, slot, beat, early))
+        pid, heartbeat = self._fork(f"ingestd-w{slot}",
+                                    lambda beat, early: run_worker(config, slot, beat, early))
         self.workers[slot] = WorkerHandle(slot, pid, heartbeat, generation=self.generation)
         log.info("worker %d started (pid %d)", slot, pid)
 
     def spawn_watcher(self) -> None:
         config = self.config
-        pid, heartbeat = self._fork(lambda beat, _early: run_watcher(config, beat))
+        pid, heartbeat = self._fork(WATCHER_NAME, lambda beat, _early: run_watcher(config, beat))
         self.watcher = WorkerHandle(WATCHER, pid, heartbeat)
 
-    def _fork(self, main: Callable[[Heartbeat, list[int]], int]) -> tuple[int, Heartbeat]:
-        """Fork a child that runs ``main`` with signals as a worker needs them."""
+    def _fork(self, name: str,
+              main: Callable[[Heartbeat, list[int]], int]) -> tuple[int, Heartbeat]:
+        """Fork a child named ``name`` that runs ``main`` with signals as a worker needs
+        them."""
         heartbeat = Heartbeat()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child
             code: int = ExitCode.RUNTIME
             try:
+                _child_of(parent, name)
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 # Meant for the supervisor; `systemctl kill` sends them to every process.
@@ -182,7 +188,8 @@ class Supervisor:
                 for sig in STOPS:
                     signal.signal(sig, lambda signum, _frame: early.append(signum))
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-                _die_with(parent)
+                if os.getppid() != parent:  # see _child_of
+                    os.kill(os.getpid(), signal.SIGTERM)
                 code = main(heartbeat, early)
             finally:
                 sys.stdout.flush()
@@ -408,14 +415,14 @@ class Supervisor:
         return time.monotonic() - self.last_loop < 10 * LOOP_INTERVAL + 5
 
 
-def _die_with(parent: int) -> None:
-    """Have the kernel send TERM when the supervisor dies, whatever killed it (even
-    SIGKILL or the OOM killer), so that no worker consumes on as an orphan; one whose
-    supervisor died before this call stops as well."""
+def _child_of(parent: int, name: str) -> None:
+    """Name the process (``ps -o comm``), and have the kernel send it TERM when the
+    supervisor dies, whatever killed it (even SIGKILL or the OOM killer), so that no
+    worker consumes on as an orphan. A child whose supervisor died before this call
+    sends itself TERM once its handlers are set (see :meth:`Supervisor._fork`)."""
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, name.encode()[:15])
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]) -> int:

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from ingestd.supervisor import WATCHER_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
@@ -52,54 +54,65 @@ def release_redis_db(db: int) -> None:
     redis.Redis(port=REDIS_PORT, db=0).delete(_CLAIM.format(db))
 
 
-_admin: AdminClient | None = None
+_admins: dict[str, AdminClient] = {}
 
 
-def admin() -> AdminClient:
-    """One AdminClient for the test session; its futures need it alive."""
-    global _admin
-    if _admin is None:
-        _admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    return _admin
+def admin(bootstrap: str = BOOTSTRAP) -> AdminClient:
+    """One AdminClient per cluster for the test session; its futures need it alive."""
+    if bootstrap not in _admins:
+        _admins[bootstrap] = AdminClient({"bootstrap.servers": bootstrap})
+    return _admins[bootstrap]
 
 
-def create_topic(partitions: int = 1, prefix: str = "t") -> str:
+def create_topic(partitions: int = 1, prefix: str = "t", bootstrap: str = BOOTSTRAP) -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    futures = admin().create_topics([NewTopic(name, partitions, 1)], operation_timeout=15)
+    futures = admin(bootstrap).create_topics([NewTopic(name, partitions, 1)],
+                                             operation_timeout=15)
     futures[name].result(timeout=30)
-    wait_for_topic(name, partitions)
+    wait_for_topic(name, partitions, bootstrap=bootstrap)
     return name
 
 
-def wait_for_topic(name: str, partitions: int, timeout: float = 30) -> None:
+def wait_for_topic(name: str, partitions: int, timeout: float = 30,
+                   bootstrap: str = BOOTSTRAP) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        meta = admin().list_topics(name, timeout=5).topics.get(name)
+        meta = admin(bootstrap).list_topics(name, timeout=5).topics.get(name)
         if meta and meta.error is None and len(meta.partitions) == partitions:
             return
         time.sleep(0.1)
     raise TimeoutError(f"topic {name} not ready")
 
 
-def delete_topic(name: str) -> None:
-    for future in admin().delete_topics([name], operation_timeout=15).values():
+def delete_topic(name: str, bootstrap: str = BOOTSTRAP) -> None:
+    for future in admin(bootstrap).delete_topics([name], operation_timeout=15).values():
         future.result(timeout=30)
 
 
 def produce(topic: str, records: Iterable[bytes | None], partition: int | None = None,
-            keys: Iterable[bytes | None] | None = None) -> int:
-    """Produce records and wait until Kafka acknowledged every one."""
-    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "acks": "all"})
+            keys: Iterable[bytes | None] | None = None, bootstrap: str = BOOTSTRAP,
+            delivered: list[tuple[int, int, int]] | None = None) -> int:
+    """Produce records and wait until Kafka acknowledged every one.
+
+    ``delivered`` receives ``(index in records, partition, offset)`` for each, from
+    its delivery report: where every record landed.
+    """
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
     errors: list[Any] = []
 
-    def report(err: Any, _msg: Any) -> None:
-        if err is not None:
-            errors.append(err)
+    def reporter(index: int) -> Callable[[Any, Any], None]:
+        def report(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+            elif delivered is not None:
+                delivered.append((index, msg.partition(), msg.offset()))
+        return report
 
     n = 0
     key_iter = iter(keys) if keys is not None else itertools.repeat(None)
     for value in records:
-        kwargs: dict[str, Any] = {"value": value, "key": next(key_iter), "on_delivery": report}
+        kwargs: dict[str, Any] = {"value": value, "key": next(key_iter),
+                                  "on_delivery": reporter(n)}
         if partition is not None:
             kwargs["partition"] = partition
         while True:
@@ -115,9 +128,10 @@ def produce(topic: str, records: Iterable[bytes | None], partition: int | None =
     return n
 
 
-def consume_all(topic: str, expected: int, timeout: float = 60) -> list[Any]:
+def consume_all(topic: str, expected: int, timeout: float = 60,
+                bootstrap: str = BOOTSTRAP) -> list[Any]:
     """Read ``expected`` records from the start of ``topic`` without a group commit."""
-    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"reader-{uuid.uuid4().hex}",
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([topic])
     out: list[Any] = []
@@ -132,8 +146,9 @@ def consume_all(topic: str, expected: int, timeout: float = 60) -> list[Any]:
     return out
 
 
-def committed_offsets(group: str, topic: str, partitions: int) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": group})
+def committed_offsets(group: str, topic: str, partitions: int,
+                      bootstrap: str = BOOTSTRAP) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return {tp.partition: tp.offset for tp in tps}
@@ -141,8 +156,8 @@ def committed_offsets(group: str, topic: str, partitions: int) -> dict[int, int]
         consumer.close()
 
 
-def end_offsets(topic: str, partitions: int) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": "watermarks"})
+def end_offsets(topic: str, partitions: int, bootstrap: str = BOOTSTRAP) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "watermarks"})
     try:
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
                 for p in range(partitions)}
@@ -206,10 +221,17 @@ class Ingestd:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def worker_pids(self) -> list[int]:
+    def children(self) -> list[int]:
         assert self.proc is not None
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's children but its ownership watcher (named by the supervisor)."""
+        return [pid for pid in self.children() if _comm(pid) != WATCHER_NAME]
+
+    def watcher_pid(self) -> int | None:
+        return next((pid for pid in self.children() if _comm(pid) == WATCHER_NAME), None)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -221,7 +243,7 @@ class Ingestd:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            for pid in self.worker_pids():
+            for pid in self.children():
                 with suppress(ProcessLookupError):
                     os.kill(pid, 9)
             self.proc.kill()
@@ -234,9 +256,17 @@ class Ingestd:
         self.stop()
 
 
-def ingestd_args(topic: str, group: str, broker_url: str, *extra: str) -> list[str]:
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def ingestd_args(topic: str, group: str, broker_url: str, *extra: str,
+                 bootstrap: str = BOOTSTRAP) -> list[str]:
     """The flags every end-to-end test passes: its own topic, group and broker database."""
-    return ["--topic", topic, "--group-id", group, "--bootstrap-servers", BOOTSTRAP,
+    return ["--topic", topic, "--group-id", group, "--bootstrap-servers", bootstrap,
             "--broker-url", broker_url, "--metrics-addr", "", "--workers", "1", *extra]
 
 
@@ -264,6 +294,19 @@ def queued_tasks(broker_url: str, queue: str = "celery") -> list[dict[str, Any]]
 def group() -> str:
     """A consumer group of the test's own."""
     return f"g-{uuid.uuid4().hex[:10]}"
+
+
+def survivors(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (a test's own group id)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def free_port() -> int:
