@@ -6,7 +6,9 @@ every BROKER_PROBE_INTERVAL when nothing was published lately, so a broker
 that went away while the topic was idle still shows on /readyz. Between two
 asks it adds what the worker published to the last answer, so a fast worker
 does not overshoot by a whole interval's worth. It has a connection of its
-own: the batch in flight uses the worker's on another thread.
+own: the batch in flight uses the worker's on another thread. It asks on the
+worker's own thread, so its broker calls are bounded by :data:`PROBE_TIMEOUT`,
+well inside the heartbeat.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logs.get("backpressure")
 BACKPRESSURE_CHECK_INTERVAL = 0.25
 BROKER_PROBE_INTERVAL = 2.0
 RESUME_BELOW = 0.8
+PROBE_TIMEOUT = 2.0
 
 
 class QueueWatch:
@@ -29,7 +32,7 @@ class QueueWatch:
                  broker: Callable[[DispatchError | None], None]) -> None:
         self.limit = config.max_queue_depth
         self.queue = config.queue
-        self.probe = dispatch.create(config)
+        self.probe = dispatch.create(config, PROBE_TIMEOUT)
         self.pause = pause  # pause(True) / pause(False)
         self.broker = broker  # broker(error) / broker(None) when reachable
         self.paused = False

@@ -57,22 +57,23 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
 
-def celery_app(config: Config) -> Celery:
-    """A Celery app used only for its message machinery; it sends nothing itself."""
+def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
+    """A Celery app used only for its message machinery; it sends nothing itself. No
+    broker call of its connections takes longer than ``timeout``."""
     app = Celery("ingestd", broker=config.broker_url, set_as_current=False)
+    connect = min(CONNECT_TIMEOUT, timeout)
     # kombu's Redis transport has no socket timeout by default, py-amqp none for reads
     # and writes: without these, a dropped network path would hang a publish forever.
-    timeouts = ({"socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
+    timeouts = ({"socket_timeout": timeout, "socket_connect_timeout": connect,
                  "socket_keepalive": True} if config.broker_is_redis else
-                {"read_timeout": BROKER_TIMEOUT, "write_timeout": BROKER_TIMEOUT})
+                {"read_timeout": timeout, "write_timeout": timeout})
     app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False,
-                    broker_connection_timeout=CONNECT_TIMEOUT,
-                    broker_transport_options=timeouts)
+                    broker_connection_timeout=connect, broker_transport_options=timeouts)
     return app
 
 
-def create(config: Config) -> Dispatcher:
-    app = celery_app(config)
+def create(config: Config, timeout: float = BROKER_TIMEOUT) -> Dispatcher:
+    app = celery_app(config, timeout)
     task = config.batch_task if config.dispatch == "batch" else config.task
     batch = config.dispatch == "batch"
     captured = codec.capture(app, task, config.queue, batch)
@@ -102,7 +103,8 @@ class _Base:
     def _connection(self) -> Connection:
         if self.conn is None:
             self.conn = self.app.connection_for_write()
-            self.conn.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT)
+            self.conn.ensure_connection(max_retries=1,
+                                        timeout=self.app.conf.broker_connection_timeout)
         return self.conn
 
     def _declare(self) -> Any:
@@ -253,7 +255,7 @@ class AmqpDispatcher(_Base):
             self._published += len(tasks)
             conn = self._connection()
             while self._acked < self._published:
-                conn.drain_events(timeout=BROKER_TIMEOUT)
+                conn.drain_events(timeout=self.app.conf.broker_transport_options["read_timeout"])
         except Exception as exc:
             self._reset()
             raise _error("amqp publish failed", exc) from exc

@@ -27,7 +27,7 @@ from kombu import Connection, Queue
 
 from ingestd import codec, dispatch
 from ingestd.config import Config
-from ingestd.errors import RecordError
+from ingestd.errors import DispatchError, RecordError
 from ingestd.schema import Validator
 from tests import stack
 
@@ -488,3 +488,21 @@ def test_amqp_each_matches_send_task_fuzzed(amqp_each: dispatch.AmqpDispatcher,
     d = amqp_each
     tasks = [dispatch.Task(f"t-1-{i}", "t", [orjson.dumps(o)], [o]) for i, o in enumerate(objs)]
     _amqp_compare(d, amqp_queue, EACH_TASK, [[o] for o in objs], tasks)
+
+
+@pytest.mark.amqp
+def test_amqp_unroutable_messages_refuse_the_batch(amqp_each: dispatch.AmqpDispatcher,
+                                                   amqp_queue: str) -> None:
+    """A queue deleted while ingestd is connected: RabbitMQ confirms unroutable messages,
+    so they are published ``mandatory`` and a returned one refuses the batch; the retry
+    declares the queue again, as send_task would."""
+    tasks = [dispatch.Task(f"t-0-{i}", "t", [orjson.dumps(o)], [o]) for i, o in enumerate(CURATED)]
+    amqp_each.publish(tasks[:1])
+    _amqp_fetch(amqp_queue, 1)
+    with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+        conn.default_channel.queue_delete(amqp_queue)
+    with pytest.raises(DispatchError, match="unroutable"):
+        amqp_each.publish(tasks)
+    amqp_each.publish(tasks)
+    assert [m.headers["id"] for m in _amqp_fetch(amqp_queue, len(tasks))] == \
+        [t.task_id for t in tasks]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import pytest
 import redis
+from confluent_kafka import Consumer
 
 from ingestd import reference_tasks
 from tests import stack
@@ -135,9 +138,16 @@ def test_batch_dispatch_sends_one_task_per_partition_slice(topic_factory: Callab
     tasks = stack.queued_tasks(broker_url)
     assert all(t["task"] == "ingest_and_score_signals" for t in tasks)
     assert sum(len(t["args"][0]) for t in tasks) == n
+    record_ids = []
     for t in tasks:
-        _, _partition, first, last = t["id"].rsplit("-", 3)
+        _, partition, first, last = t["id"].rsplit("-", 3)
         assert int(last) - int(first) + 1 == len(t["args"][0])
+        # each record's own id, aligned with the signals: what a repeat keeps
+        assert t["ingestd_record_ids"] == [f"{topic}-{partition}-{o}"
+                                           for o in range(int(first), int(last) + 1)]
+        record_ids += t["ingestd_record_ids"]
+    assert sorted(record_ids) == sorted(f"{topic}-{p}-{o}" for p, end in
+                                        stack.end_offsets(topic, 2).items() for o in range(end))
     with stack.celery_worker(broker_url):
         assert stack.wait_until(lambda: client.hlen(reference_tasks.SCORES_KEY) >= n, 60)
 
@@ -170,8 +180,9 @@ def stack_ids(broker_url: str) -> list[str]:
     return [t["id"] for t in stack.queued_tasks(broker_url)]
 
 
-def wait_ids(broker_url: str, topic: str, n: int, timeout: float = 120) -> set[str]:
-    expected = {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, 4).items()
+def wait_ids(broker_url: str, topic: str, n: int, timeout: float = 120,
+             partitions: int = 4) -> set[str]:
+    expected = {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, partitions).items()
                 for o in range(end)}
     assert len(expected) == n
     assert stack.wait_until(lambda: set(stack_ids(broker_url)) >= expected, timeout, 0.5)
@@ -238,3 +249,101 @@ def test_backpressure_pauses_above_max_queue_depth(topic_factory: Callable[..., 
         ingestd.signal(signal.SIGTERM)
         assert ingestd.wait(60) == 0
     assert "pausing" in ingestd.output() and "resuming" in ingestd.output()
+
+
+def _pid_listening(port: int) -> int:
+    """The pid of the redis-server of a private Redis, found by its port."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"redis-server") and str(port).encode() in cmd:
+                return int(entry.name)
+    raise LookupError(port)
+
+
+def test_a_stalled_broker_is_waited_for_not_killed_as_stuck(
+        topic_factory: Callable[..., str],
+        private_redis: tuple[str, Callable[[], None], Callable[[], None]]) -> None:
+    """Redis stops answering (SIGSTOP) for longer than --worker-timeout: the worker keeps
+    beating while it waits, /readyz says what it waits for, and nothing is lost."""
+    url = private_redis[0]
+    redis_pid = _pid_listening(int(url.rsplit(":", 1)[1].split("/")[0]))
+    topic = topic_factory(partitions=4)
+    n = 20_000
+    stack.produce(topic, (stack.signal_record(i) for i in range(n)))
+    g, port = stack.group(), stack.free_port()
+    args = stack.ingestd_args(topic, g, url, "--batch-size", "200", "--worker-timeout", "5",
+                              "--retry-max-backoff", "1")
+    args[args.index("--metrics-addr") + 1] = f"127.0.0.1:{port}"
+    reasons: list[str] = []
+
+    def unready() -> bool:
+        code, body = stack.http_get(f"http://127.0.0.1:{port}/readyz")
+        if code == 503:
+            reasons.extend(orjson.loads(body)["workers"].values())
+        return code == 503
+
+    with stack.Ingestd(*args) as ingestd:
+        client = redis.Redis.from_url(url)
+        assert stack.wait_until(lambda: client.llen("celery") >= 2000, 60)
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            assert stack.wait_until(unready, 10)
+            time.sleep(12)
+            unready()
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        ids = wait_ids(url, topic, n)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    assert "stuck" not in ingestd.output(), ingestd.output()[-3000:]
+    assert any("broker" in reason for reason in reasons), reasons
+    assert set(stack_ids(url)) == ids
+    assert stack.committed_offsets(g, topic, 4) == stack.end_offsets(topic, 4)
+
+
+def test_a_fenced_worker_exits_and_its_successor_rejoins(topic_factory: Callable[..., str],
+                                                         broker_url: str) -> None:
+    """Another consumer takes the worker's static member id: Kafka fences the worker with a
+    fatal error, which must end it within seconds so that a fresh worker rejoins."""
+    topic = topic_factory(partitions=2)
+    stack.produce(topic, (stack.signal_record(i) for i in range(1000)))
+    g, tag = stack.group(), f"fence-{uuid.uuid4().hex[:6]}"
+    args = stack.ingestd_args(topic, g, broker_url, "--instance-id", tag)
+    with stack.Ingestd(*args) as ingestd:
+        wait_ids(broker_url, topic, 1000, partitions=2)
+        (first,) = ingestd.worker_pids()
+        rogue = Consumer({"bootstrap.servers": stack.BOOTSTRAP, "group.id": g,
+                          "group.instance.id": f"{tag}-0",
+                          "partition.assignment.strategy": "cooperative-sticky"})
+        rogue.subscribe([topic])
+        try:
+            assert stack.wait_until(lambda: rogue.poll(0.2) is None and
+                                    "fatal Kafka error" in ingestd.output(), 60)
+        finally:
+            rogue.close()
+        assert stack.wait_until(lambda: len(ingestd.worker_pids()) == 1
+                                and first not in ingestd.worker_pids(), 30)
+        stack.produce(topic, (stack.signal_record(i) for i in range(1000, 2000)))
+        wait_ids(broker_url, topic, 2000, partitions=2)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    assert f"(pid {first}) died (exit code 1)" in ingestd.output()
+
+
+def test_a_worker_killed_as_stuck_prints_every_thread(topic_factory: Callable[..., str],
+                                                      broker_url: str) -> None:
+    """The supervisor SIGABRTs a stuck worker; the log then holds each thread's stack."""
+    topic = topic_factory(partitions=1)
+    with stack.Ingestd(*stack.ingestd_args(topic, stack.group(), broker_url)) as ingestd:
+        assert stack.wait_until(lambda: "assigned" in ingestd.output(), 60)
+        (pid,) = ingestd.worker_pids()
+        os.kill(pid, signal.SIGABRT)
+        assert stack.wait_until(lambda: "died (signal SIGABRT)" in ingestd.output(), 30)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    out = ingestd.output()
+    assert "Current thread" in out and 'File "' in out and "worker.py" in out, out[-3000:]
