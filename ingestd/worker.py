@@ -51,7 +51,8 @@ DRAIN_SHARE = 0.8  # of --drain-timeout, spent retrying an unsent batch after a 
 ORPHAN_DRAIN = 3.0  # seconds a worker whose supervisor died spends on its drain
 LEAVE_TIMEOUT = 3.0
 SLOW = 1.0  # a wait longer than this pauses the partitions and shows on /readyz
-SLICE = 0.1  # a long wait serves Kafka and beats this often
+SLICE = 0.02  # a long wait serves Kafka and checks what it waits for this often
+COMMIT_POLL = 0.001
 COMMIT_WAIT = 15.0  # longest wait for a commit's confirmation before publishing on
 REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accepted
 
@@ -297,13 +298,18 @@ class Worker:
 
     def await_commit(self) -> None:
         """Before the next batch is published: the last batch's commit is confirmed, so that
-        a crash repeats at most one batch. librdkafka puts commit results ahead of the
-        fetched records, so one short consume serves it; what that consume returns is
-        carried into the next batch."""
+        a crash repeats at most one batch. The commit was sent before this batch was
+        decoded and usually is confirmed by now. librdkafka puts commit results ahead of
+        the fetched records, so a consume of one record serves it; what such consumes
+        return is carried into the next batch: up to a batch at once, then one record a
+        millisecond, and past two batches (a commit slower than a second, say while the
+        group coordinator moves) the partitions are paused."""
         deadline = time.monotonic() + SLOW
         n = self.config.batch_size
-        while self.uncommitted and len(self.carry) < n and time.monotonic() < deadline:
-            self.carry.extend(self.consumer.consume(1, 0.002))
+        while self.uncommitted and len(self.carry) < 2 * n and time.monotonic() < deadline:
+            self.carry += self.consumer.consume(1, COMMIT_POLL)
+            if self.uncommitted and len(self.carry) >= n:
+                time.sleep(COMMIT_POLL)
         if self.uncommitted:
             self._serve(lambda: not self.uncommitted, COMMIT_WAIT, "commit",
                         "waiting for Kafka to confirm an offset commit")
@@ -314,12 +320,13 @@ class Worker:
 
     def _serve(self, done: Callable[[], bool], seconds: float, why: str, status: str) -> bool:
         """Serve Kafka with every partition paused until ``done()`` or ``seconds`` pass:
-        group membership, rebalances and callbacks go on, no record is taken. Should a
-        paused partition deliver records, it is rewound to the first of them. False when
-        a stop leaves no more time: the caller's batch is abandoned."""
+        group membership, rebalances and callbacks go on. Records that come all the same
+        (fetched before the pause took effect) are the next ones in order: they are
+        carried into the next batch, not dropped and sought back to, because a seek on a
+        paused partition can leave librdkafka's fetcher stopped after the resume. False
+        when a stop leaves no more time: the caller's batch is abandoned."""
         self._pause(why, True)
         self.waiting = status
-        rewind: dict[tuple[str, int], int] = {}
         deadline = time.monotonic() + seconds
         try:
             while not done() and (left := deadline - time.monotonic()) > 0:
@@ -328,27 +335,11 @@ class Worker:
                     return False
                 self._check_fatal()
                 self._update_status()
-                slipped = self.consumer.consume(self.config.batch_size, min(left, SLICE))
-                self._rewind(slipped, rewind)
+                self.carry += self.consumer.consume(self.config.batch_size, min(left, SLICE))
             return True
         finally:
             self.waiting = ""
             self._pause(why, False)
-
-    def _rewind(self, slipped: list[Message], rewind: dict[tuple[str, int], int]) -> None:
-        """Seek each partition that delivered records while paused back to the first of
-        them, so that they are consumed again after the resume."""
-        seek: set[tuple[str, int]] = set()
-        for msg in slipped:
-            if (err := msg.error()) is not None:
-                self._on_message_error(err)
-            else:
-                key = cast(tuple[str, int], (msg.topic(), msg.partition()))
-                offset = cast(int, msg.offset())
-                rewind[key] = min(rewind.get(key, offset), offset)
-                seek.add(key)
-        for topic, partition in seek:
-            self.consumer.seek(TopicPartition(topic, partition, rewind[(topic, partition)]))
 
     # --- partitions coming and going (called inside consume()) --------------
 
@@ -385,6 +376,8 @@ class Worker:
             self.paused_by.add(why)
         else:
             self.paused_by.discard(why)
+        log.debug("%s %s: partitions paused by %s", "pause" if on else "unpause", why,
+                  sorted(self.paused_by) or "nothing")
         if before != bool(self.paused_by):
             tps = self.consumer.assignment()
             if self.paused_by:
