@@ -14,6 +14,7 @@ supervisor shows on ``/readyz``, says which.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -56,7 +57,8 @@ class Watcher:
         self.config = config
         self.beat = beat
         self.gauge = metrics.unowned_partitions
-        self.admin = AdminClient(kafka.admin_config(config))
+        self.admin = AdminClient({**kafka.admin_config(config),
+                                  "logger": logging.getLogger("librdkafka")})
         self.since: dict[tuple[str, int], float] = {}  # first seen without an owner
         self.told: set[tuple[str, int]] = set()
         self.status = READY

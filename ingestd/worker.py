@@ -507,12 +507,12 @@ class Worker:
         self.rejoin = True
 
     def close(self) -> None:
-        """Commit what was stored and leave the group; after a fatal error, just close."""
+        """Commit what was stored and leave the group; after a fatal error, just close.
+        A commit to an unreachable coordinator, and librdkafka's close while a rebalance
+        is pending, wait with no bound: they run on a thread of their own that this one
+        waits for (not touching the consumer meanwhile) only as long as the drain
+        allows."""
         self.inflight.close()
-        if self.fatal is None:
-            self.commit(asynchronous=False)
-        # librdkafka's close waits for a pending rebalance with no bound; the offsets
-        # are committed by now, so a close that overruns the drain is abandoned.
         closing = threading.Thread(target=self._leave_and_close, name="close", daemon=True)
         closing.start()
         orphan = self.parent != os.getppid()
@@ -523,6 +523,8 @@ class Worker:
 
     def _leave_and_close(self) -> None:
         try:
+            if self.fatal is None:
+                self.commit(asynchronous=False)
             if self.leave_group and self.fatal is None:
                 self.assignment.leave(LEAVE_TIMEOUT)
             self.consumer.close()
