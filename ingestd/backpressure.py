@@ -58,7 +58,10 @@ class QueueWatch:
             self._next_check = now + (BACKPRESSURE_CHECK_INTERVAL if self.limit
                                       else BROKER_PROBE_INTERVAL)
             try:
-                self.depth = self.probe.queue_depth() + self.unsent
+                # unsent first: a batch accepted while the broker answers is then
+                # counted twice (pausing a little early), never missed (pausing late).
+                unsent = self.unsent
+                self.depth = self.probe.queue_depth() + unsent
             except DispatchError as exc:
                 self.broker(exc)
                 return

@@ -57,8 +57,9 @@ class Watcher:
         self.config = config
         self.beat = beat
         self.gauge = metrics.unowned_partitions
-        self.admin = AdminClient({**kafka.admin_config(config),
-                                  "logger": logging.getLogger("librdkafka")})
+        props: dict[str, Any] = {**kafka.admin_config(config),
+                                 "logger": logging.getLogger("librdkafka")}
+        self.admin = AdminClient(props)
         self.since: dict[tuple[str, int], float] = {}  # first seen without an owner
         self.told: set[tuple[str, int]] = set()
         self.status = READY

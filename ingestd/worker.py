@@ -162,8 +162,13 @@ class Worker:
         self.watch.check()
 
     def consume(self) -> list[Message]:
-        """The next batch: what was carried over, then what Kafka has, up to the batch size."""
+        """The next batch: what was carried over, then what Kafka has, up to the batch size.
+        While the partitions are paused (backpressure) nothing is handed on: what was
+        carried waits with them."""
         n, carry = self.config.batch_size, self.carry
+        if self.paused_by:
+            self.carry += self.consumer.consume(n, self.config.batch_timeout_ms / 1000)
+            return []
         self.carry = []
         if len(carry) >= n:
             return carry
@@ -223,6 +228,10 @@ class Worker:
             batch.letters_sent = True
         started = time.perf_counter()
         self.dispatcher.send(batch.messages)
+        # Now, not when this thread's result is collected: a queue depth asked in between
+        # would count the batch twice. (The loop hands a batch over only when this thread
+        # is idle, so the two threads never change the count at once.)
+        self.watch.accepted(len(batch.tasks))
         self.metrics.dispatch_seconds.observe(time.perf_counter() - started)
         self._count(batch)
 
@@ -265,7 +274,6 @@ class Worker:
         if exc is not None:
             self.refused = (batch, exc)
             return
-        self.watch.accepted(len(batch.tasks))
         self._broker_state(None)
         self.store(batch)
 

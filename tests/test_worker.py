@@ -252,14 +252,15 @@ def test_backpressure_pauses_above_max_queue_depth(topic_factory: Callable[..., 
 
 
 def _pid_listening(port: int) -> int:
-    """The pid of the redis-server of a private Redis, found by its port."""
+    """The pid of the redis-server of a private Redis, found by its port (redis-server
+    shows itself as ``redis-server 127.0.0.1:<port>``)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmd and cmd[0].endswith(b"redis-server") and str(port).encode() in cmd:
+            if cmd.startswith(b"redis-server") and f":{port}".encode() in cmd:
                 return int(entry.name)
     raise LookupError(port)
 
