@@ -39,6 +39,7 @@ from ingestd.dlq import DeadLetter, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
 from ingestd.heartbeat import READY, REJOIN, REPLACE
 from ingestd.inflight import InFlight
+from ingestd.offsets import Offsets
 from ingestd.schema import Validator
 
 log = logs.get("worker")
@@ -87,7 +88,6 @@ class Worker:
         self.paused_by: set[str] = set()
         self.waiting = ""  # what a long wait waits for, shown on /readyz
         self.carry: list[Message] = []  # consumed while waiting for a commit: the next batch's
-        self.uncommitted: dict[tuple[str, int], int] = {}  # stored, commit not yet confirmed
         self.refused: tuple[Batch, DispatchError] | None = None
         self.fatal: KafkaError | None = None
         self.broker_error = ""
@@ -103,9 +103,10 @@ class Worker:
         self.kafka_log = logs.RateLimited(logs.get("kafka"))
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
         props = kafka.consumer_config(config, slot)
+        self.offsets = Offsets(lambda: self.assignment.owned, self._commit_failed)
         props.update(error_cb=self._on_kafka_error, stats_cb=self._on_stats,
-                     on_commit=self._on_commit, logger=LIBRDKAFKA_LOG)
-        self.consumer = Consumer(props)
+                     on_commit=self.offsets.confirmed, logger=LIBRDKAFKA_LOG)
+        self.consumer = self.offsets.consumer = Consumer(props)
         self.inflight: InFlight[Batch] = InFlight()
         self.assignment = Assignment(self.consumer, config, slot, self)
         self.watch = QueueWatch(config, self._backpressure, self._broker_state)
@@ -275,34 +276,7 @@ class Worker:
             self.refused = (batch, exc)
             return
         self._broker_state(None)
-        self.store(batch)
-
-    def store(self, batch: Batch) -> None:
-        """Store the next offset of every partition of the batch that this worker still
-        owns, and commit them in the background (confirmed in :meth:`_on_commit`)."""
-        owned = self.assignment.owned
-        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()
-                   if (t, p) in owned]
-        if not offsets:
-            return
-        try:
-            self.consumer.store_offsets(offsets=offsets)
-        except KafkaException as exc:
-            self.kafka_log.warning("offsets not stored: %s", exc.args[0].str())
-            return
-        for tp in offsets:
-            self.uncommitted[(tp.topic, tp.partition)] = tp.offset
-        self.commit(asynchronous=True)
-
-    def commit(self, asynchronous: bool) -> None:
-        """Commit the stored offsets; nothing stored is not an error."""
-        try:
-            if asynchronous:
-                self.consumer.commit(asynchronous=True)
-            else:
-                self.consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            self._commit_failed(exc.args[0])
+        self.offsets.store(batch.offsets)
 
     def await_commit(self) -> None:
         """Before the next batch is published: the last batch's commit is confirmed, so that
@@ -312,19 +286,20 @@ class Worker:
         return is carried into the next batch: up to a batch at once, then one record a
         millisecond, and past two batches (a commit slower than a second, say while the
         group coordinator moves) the partitions are paused."""
+        pending = self.offsets.unconfirmed
         deadline = time.monotonic() + SLOW
         n = self.config.batch_size
-        while self.uncommitted and len(self.carry) < 2 * n and time.monotonic() < deadline:
+        while pending and len(self.carry) < 2 * n and time.monotonic() < deadline:
             self.carry += self.consumer.consume(1, COMMIT_POLL)
-            if self.uncommitted and len(self.carry) >= n:
+            if pending and len(self.carry) >= n:
                 time.sleep(COMMIT_POLL)
-        if self.uncommitted:
-            self._serve(lambda: not self.uncommitted, COMMIT_WAIT, "commit",
+        if pending:
+            self._serve(lambda: not pending, COMMIT_WAIT, "commit",
                         "waiting for Kafka to confirm an offset commit")
-        if self.uncommitted and not self.abandoned:
+        if pending and not self.abandoned:
             self.kafka_log.warning("offset commit not confirmed within %.0fs; going on",
                                    COMMIT_WAIT)
-            self.uncommitted.clear()
+            self.offsets.give_up()
 
     def _serve(self, done: Callable[[], bool], seconds: float, why: str, status: str) -> bool:
         """Serve Kafka with every partition paused until ``done()`` or ``seconds`` pass:
@@ -365,14 +340,10 @@ class Worker:
             self.beat(self.status)
         if self.inflight.wait(0):
             self._collect()
-        self._forget(partitions)
+        self.offsets.forget(partitions)
 
     def lost(self, partitions: list[TopicPartition]) -> None:
-        self._forget(partitions)
-
-    def _forget(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.uncommitted.pop((tp.topic, tp.partition), None)
+        self.offsets.forget(partitions)
 
     # --- state ------------------------------------------------------------
 
@@ -447,32 +418,11 @@ class Worker:
 
     # --- Kafka callbacks and signals ---------------------------------------
 
-    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """A commit's result (ours, or librdkafka's own periodic one): confirm what it
-        covers. A failed commit is counted and confirms nothing more is coming; librdkafka
-        commits the stored offsets again within a second."""
-        if err is not None and err.code() != KafkaError._NO_OFFSET:
-            self._commit_failed(err)
-            self.uncommitted.clear()
-            return
-        if err is not None:  # nothing left to commit: all stored offsets are committed
-            self.uncommitted.clear()
-            return
-        for tp in partitions:
-            key = (tp.topic, tp.partition)
-            if tp.error is not None:
-                self._commit_failed(tp.error)
-                self.uncommitted.pop(key, None)
-            elif key in self.uncommitted and tp.offset >= self.uncommitted[key]:
-                del self.uncommitted[key]
-
     def _commit_failed(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._NO_OFFSET:
-            return
         if _fatal(err):
             self.fatal = err
         self.metrics.commit_failures.inc()
-        self.kafka_log.warning("offset commit failed: %s", err.str())
+        self.kafka_log.warning("offsets not stored or committed: %s", err.str())
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if _fatal(err):
@@ -532,7 +482,7 @@ class Worker:
     def _leave_and_close(self) -> None:
         try:
             if self.fatal is None:
-                self.commit(asynchronous=False)
+                self.offsets.commit(asynchronous=False)
             if self.leave_group and self.fatal is None:
                 self.assignment.leave(LEAVE_TIMEOUT)
             self.consumer.close()

@@ -1,0 +1,90 @@
+"""The commit bookkeeping that lets a worker publish its next batch, with the consumer faked
+at its seam; the real consumer's side is exercised by every end-to-end test."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from ingestd.offsets import Offsets
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.stored: list[list[tuple[str, int, int]]] = []
+        self.commits: list[bool] = []
+        self.refuse_store: KafkaError | None = None
+
+    def store_offsets(self, offsets: list[TopicPartition]) -> None:
+        if self.refuse_store is not None:
+            raise KafkaException(self.refuse_store)
+        self.stored.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+
+    def commit(self, asynchronous: bool) -> None:
+        self.commits.append(asynchronous)
+
+
+def make(owned: set[tuple[str, int]]) -> tuple[Offsets, FakeConsumer, list[Any]]:
+    failures: list[Any] = []
+    offsets = Offsets(lambda: owned, failures.append)
+    consumer = offsets.consumer = FakeConsumer()
+    return offsets, consumer, failures
+
+
+def tp(partition: int, offset: int, error: KafkaError | None = None) -> Any:
+    """What librdkafka's commit callback hands over for one partition (``error`` is read-only
+    on a real TopicPartition)."""
+    return SimpleNamespace(topic="t", partition=partition, offset=offset, error=error)
+
+
+def test_only_owned_partitions_are_stored_then_committed_in_the_background() -> None:
+    offsets, consumer, _ = make({("t", 0)})
+    offsets.store({("t", 0): 10, ("t", 1): 7})
+    assert consumer.stored == [[("t", 0, 10)]] and consumer.commits == [True]
+    assert offsets.unconfirmed == {("t", 0): 10}
+    offsets.store({("t", 1): 9})  # revoked meanwhile: its new owner consumes it again
+    assert len(consumer.stored) == 1 and offsets.unconfirmed == {("t", 0): 10}
+
+
+def test_a_result_confirms_what_it_covers_whoever_committed() -> None:
+    offsets, _, failures = make({("t", 0), ("t", 1)})
+    offsets.store({("t", 0): 10, ("t", 1): 20})
+    offsets.confirmed(None, [tp(0, 10), tp(1, 15)])  # librdkafka's periodic commit, earlier
+    assert offsets.unconfirmed == {("t", 1): 20}
+    offsets.confirmed(None, [tp(0, -1001), tp(1, 20)])  # partition 0 not included
+    assert offsets.unconfirmed == {} and failures == []
+
+
+def test_failures_are_reported_and_end_the_wait() -> None:
+    offsets, _, failures = make({("t", 0), ("t", 1)})
+    offsets.store({("t", 0): 10, ("t", 1): 20})
+    offsets.confirmed(None, [tp(0, 10, KafkaError(KafkaError.REBALANCE_IN_PROGRESS)),
+                             tp(1, 5)])
+    assert offsets.unconfirmed == {("t", 1): 20}
+    assert [f.code() for f in failures] == [KafkaError.REBALANCE_IN_PROGRESS]
+    offsets.confirmed(KafkaError(KafkaError._TRANSPORT), [])
+    assert offsets.unconfirmed == {} and len(failures) == 2
+
+
+def test_nothing_left_to_commit_confirms_everything() -> None:
+    offsets, _, failures = make({("t", 0)})
+    offsets.store({("t", 0): 10})
+    offsets.confirmed(KafkaError(KafkaError._NO_OFFSET), [])
+    assert offsets.unconfirmed == {} and failures == []
+
+
+def test_revoked_partitions_are_not_waited_for() -> None:
+    offsets, _, _ = make({("t", 0), ("t", 1)})
+    offsets.store({("t", 0): 10, ("t", 1): 20})
+    offsets.forget([tp(1, -1001)])
+    assert offsets.unconfirmed == {("t", 0): 10}
+
+
+def test_a_refused_store_is_reported_and_nothing_is_awaited() -> None:
+    offsets, consumer, failures = make({("t", 0)})
+    consumer.refuse_store = KafkaError(KafkaError._STATE)
+    offsets.store({("t", 0): 10})
+    assert offsets.unconfirmed == {} and consumer.commits == []
+    assert [f.code() for f in failures] == [KafkaError._STATE]
