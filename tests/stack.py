@@ -64,6 +64,11 @@ def admin(bootstrap: str = BOOTSTRAP) -> AdminClient:
     return _admins[bootstrap]
 
 
+def forget_admin(bootstrap: str) -> None:
+    """Drop a cluster's AdminClient: for a broker that a test started and stops."""
+    _admins.pop(bootstrap, None)
+
+
 def create_topic(partitions: int = 1, prefix: str = "t", bootstrap: str = BOOTSTRAP) -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     futures = admin(bootstrap).create_topics([NewTopic(name, partitions, 1)],
@@ -97,7 +102,9 @@ def produce(topic: str, records: Iterable[bytes | None], partition: int | None =
     ``delivered`` receives ``(index in records, partition, offset)`` for each, from
     its delivery report: where every record landed.
     """
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    # Idempotent: a retry after a broker failure writes no second copy at another offset.
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
+                         "enable.idempotence": True})
     errors: list[Any] = []
 
     def reporter(index: int) -> Callable[[Any, Any], None]:

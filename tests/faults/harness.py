@@ -1,0 +1,351 @@
+"""What every fault scenario shares: a producer that knows where each record landed, the
+run's own topic, dead-letter topic and group, the ``ingestd`` processes it starts, the
+wait for everything to settle and the checker's verdict."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from confluent_kafka import KafkaException
+
+from ingestd import reference_tasks
+from tests import stack
+from tests.faults import checker
+
+PARTITIONS = 4
+BATCH = 500
+# Not JSON, a JSON array, and an object that breaks the signal schema.
+POISON = (b"not json {", b'[{"name": "n", "value": 1}]',
+          b'{"name": "n", "value": 1, "source": "s"}')
+POISON_EVERY = 50
+QUIET = 3.0  # seconds without a new execution before a settled run is judged
+# A celery worker killed, or cut off from Redis, leaves what it had taken in kombu's
+# unacked hash: its successor restores it after this many seconds (kombu's default: 1 h).
+VISIBILITY_TIMEOUT = 20
+
+
+def record(i: int) -> tuple[bytes, bool]:
+    """The ``i``-th record of a load and whether it is valid: one in POISON_EVERY is poison."""
+    if i % POISON_EVERY == POISON_EVERY - 1:
+        return POISON[(i // POISON_EVERY) % len(POISON)], False
+    return stack.signal_record(i), True
+
+
+class Load:
+    """Records produced with delivery reports, so that each one's coordinates are known: as a
+    backlog, or spread over some seconds by a background thread while faults happen."""
+
+    def __init__(self, topic: str, bootstrap: str) -> None:
+        self.topic = topic
+        self.bootstrap = bootstrap
+        self.produced: dict[checker.Record, bool] = {}
+        self.count = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._cancel = threading.Event()
+
+    def produce(self, n: int) -> None:
+        start, self.count = self.count, self.count + n
+        values = [record(i) for i in range(start, start + n)]
+        delivered: list[tuple[int, int, int]] = []
+        stack.produce(self.topic, (v for v, _ in values),
+                      keys=(str(i).encode() for i in range(start, start + n)),
+                      bootstrap=self.bootstrap, delivered=delivered)
+        for index, partition, offset in delivered:
+            self.produced[(self.topic, partition, offset)] = values[index][1]
+
+    def start(self, n: int, seconds: float) -> Load:
+        """Produce ``n`` records over about ``seconds``, in the background."""
+        steps = max(1, int(seconds * 5))
+
+        def run() -> None:
+            try:
+                for step in range(steps):
+                    if self._cancel.is_set():
+                        return
+                    began = time.monotonic()
+                    self.produce(n * (step + 1) // steps - n * step // steps)
+                    time.sleep(max(0.0, seconds / steps - (time.monotonic() - began)))
+            except BaseException as exc:  # re-raised by wait()
+                self._error = exc
+
+        self.wait()
+        self._thread = threading.Thread(target=run, name="load", daemon=True)
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Stop a background load after its current chunk: the test is over."""
+        self._cancel.set()
+
+    def wait(self, timeout: float = 300) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            assert not self._thread.is_alive(), "the load did not finish"
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def valid(self) -> int:
+        return sum(self.produced.values())
+
+
+@dataclass
+class Run:
+    """One scenario's topic, dead-letter topic, group, brokers and ``ingestd`` processes."""
+
+    topic: str
+    dlq: str
+    group: str
+    broker_url: str  # the Celery broker
+    results_url: str  # where the reference tasks record what ran
+    bootstrap: str = stack.BOOTSTRAP
+    started: list[stack.Ingestd] = field(default_factory=list)
+    load: Load = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.load = Load(self.topic, self.bootstrap)
+        self.results = redis.Redis.from_url(self.results_url, decode_responses=True)
+        self._celery: contextlib.ExitStack | None = None
+
+    def start_celery(self) -> None:
+        """A real ``celery worker`` on this run's Celery broker, recording in results_url."""
+        celery = contextlib.ExitStack()
+        env = {"INGESTD_RESULTS_URL": self.results_url,
+               "INGESTD_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT)}
+        celery.enter_context(stack.celery_worker(self.broker_url, env=env))
+        self._celery = celery
+
+    def stop_celery(self) -> None:
+        if self._celery is not None:
+            self._celery.close()
+            self._celery = None
+
+    @contextlib.contextmanager
+    def celery_stopped(self) -> Iterator[None]:
+        """The celery worker stopped (a warm shutdown, which gives back what it took) and
+        started again afterwards. For Redis outages: kombu 5.7's Redis transport does not
+        survive a broker restart (the worker stops consuming, or dies restoring the
+        messages it had taken), which is no fault of ingestd's."""
+        self.stop_celery()
+        try:
+            yield
+        finally:
+            self.start_celery()
+
+    def ingestd(self, *extra: str, instance: str | None = None,
+                workers: int = 2) -> stack.Ingestd:
+        """A started ``ingestd`` on this run's topic and group; ``instance`` names a second
+        host (its own ``--instance-id``)."""
+        args = ["--dlq-topic", self.dlq, "--batch-size", str(BATCH), "--workers", str(workers),
+                *extra]
+        if instance is not None:
+            args += ["--instance-id", f"{instance}-{self.group}"]
+        proc = stack.Ingestd(*stack.ingestd_args(self.topic, self.group, self.broker_url, *args,
+                                                 bootstrap=self.bootstrap))
+        self.started.append(proc)
+        return proc.start()
+
+    # --- progress -----------------------------------------------------------
+
+    def committed(self, timeout: float = 30) -> dict[checker.Partition, int]:
+        """The group's committed offsets; retried while the group coordinator is not
+        there yet (a new broker, a broker coming back)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                offsets = stack.committed_offsets(self.group, self.topic, PARTITIONS,
+                                                  self.bootstrap)
+                return {(self.topic, p): o for p, o in offsets.items()}
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def progress(self) -> int:
+        """Records committed so far, over every partition."""
+        return sum(max(o, 0) for o in self.committed().values())
+
+    def wait_progress(self, records: int, timeout: float = 120) -> None:
+        """Wait until the group committed ``records`` more than now."""
+        goal = self.progress() + records
+        assert stack.wait_until(lambda: self.progress() >= goal, timeout, 0.5), \
+            f"committed {self.progress()} of {goal}\n{self.logs()}"
+
+    def executed(self) -> int:
+        return int(self.results.get(reference_tasks.EXECUTED_KEY) or 0)
+
+    def queued(self) -> int:
+        """Task messages the Celery broker still holds, taken or not; -1 while it does not
+        answer. Redis only: 0 for AMQP, where the quiet wait alone tells."""
+        if not self.broker_url.startswith("redis"):
+            return 0
+        try:
+            broker = redis.Redis.from_url(self.broker_url)
+            return int(broker.llen("celery")) + int(broker.hlen("unacked"))
+        except redis.RedisError:
+            return -1
+
+    def quiet(self, seconds: float = QUIET, timeout: float = 300) -> bool:
+        """Wait until the Celery broker holds no task and the celery worker has executed
+        nothing new for ``seconds``."""
+        last, since = -1, time.monotonic()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.executed()
+            if now != last or self.queued():
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= seconds:
+                return True
+            time.sleep(0.5)
+        return False
+
+    def settled(self) -> bool:
+        """Committed up to the end, every valid record executed, every poison one
+        dead-lettered."""
+        try:
+            ends = stack.end_offsets(self.topic, PARTITIONS, self.bootstrap)
+            committed = self.committed()
+            letters = sum(stack.end_offsets(self.dlq, 1, self.bootstrap).values())
+        except KafkaException:  # a broker that is coming back
+            return False
+        poison = len(self.load.produced) - self.load.valid
+        return (committed == {(self.topic, p): o for p, o in ends.items()}
+                and int(self.results.hlen(reference_tasks.RUNS_KEY)) >= self.load.valid
+                and letters >= poison)
+
+    def settle(self, timeout: float = 300) -> bool:
+        """Wait for the load to end and everything to settle; False after ``timeout`` (the
+        checker then says what is missing)."""
+        deadline = time.monotonic() + timeout
+        self.load.wait()
+        done = stack.wait_until(self.settled, deadline - time.monotonic(), 1.0)
+        return self.quiet(timeout=max(30.0, deadline - time.monotonic())) and done
+
+    def assigned(self, proc: stack.Ingestd) -> bool:
+        """Whether a worker of ``proc`` has been given a partition of the topic."""
+        return f"assigned {self.topic}[" in proc.output()
+
+    # --- verdict ------------------------------------------------------------
+
+    def dead_letters(self) -> list[checker.Record]:
+        total = sum(stack.end_offsets(self.dlq, 1, self.bootstrap).values())
+        out = []
+        for msg in stack.consume_all(self.dlq, total, bootstrap=self.bootstrap):
+            headers = {k: v.decode() for k, v in msg.headers() or []}
+            out.append((headers["ingestd.source.topic"], int(headers["ingestd.source.partition"]),
+                        int(headers["ingestd.source.offset"])))
+        assert len(out) == total, f"read {len(out)} of {total} dead letters"
+        return out
+
+    def report(self, committed: dict[checker.Partition, int] | None = None) -> checker.Report:
+        self.load.wait()
+        executed = {str(k): int(v)
+                    for k, v in self.results.hgetall(reference_tasks.RUNS_KEY).items()}
+        return checker.check(self.load.produced, executed, self.dead_letters(),
+                             self.committed() if committed is None else committed)
+
+    def verify(self, max_duplicates: int | None = 0) -> checker.Report:
+        """The checker's verdict on the whole run; duplicates up to ``max_duplicates`` (None:
+        any number) pass."""
+        report = self.report()
+        print(f"\n{report.summary()}")
+        assert not report.failures(max_duplicates), \
+            f"{report.explain(max_duplicates)}\n{self.logs()}"
+        return report
+
+    def logs(self, limit: int = 12) -> str:
+        """Each ingestd's log path and its distinct warnings and errors (invalid records
+        aside), so that a failure says where to look."""
+        out = []
+        for proc in self.started:
+            seen: dict[str, str] = {}
+            for line in proc.output().splitlines():
+                if (" ERROR " in line or " WARNING " in line) and "invalid_record" not in line:
+                    seen.setdefault(re.sub(r"\d+", "#", line.partition(" ")[2])[:100], line[:300])
+            shown = list(seen.values())
+            code = proc.proc.poll() if proc.proc is not None else None
+            out.append(f"{proc.log} (exit {code}): {len(shown)} distinct warnings/errors")
+            out += [f"  {line}" for line in shown[:limit]]
+        return "\n".join(out)
+
+    def stuck(self) -> list[str]:
+        """The supervisor's lines about workers it killed as stuck."""
+        return [line for proc in self.started for line in proc.output().splitlines()
+                if "stuck for" in line]
+
+    def stop(self, proc: stack.Ingestd, timeout: float = 90) -> int:
+        """TERM: drain and leave the group."""
+        proc.signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def close(self) -> None:
+        self.load.cancel()
+        for proc in self.started:
+            proc.stop()
+        for pid in stack.survivors(self.group):
+            os.kill(pid, signal.SIGKILL)
+        self.stop_celery()
+
+
+def wait_gone(pid: int, timeout: float = 30) -> bool:
+    """Until ``pid`` is reaped: a zombie still answers ``kill -0``, which scripts/stack
+    takes for a running service."""
+    return stack.wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout)
+
+
+class PrivateService:
+    """One service of ``scripts/stack`` on its own ports and folder, beside the shared stack,
+    so that a test can kill and restart it."""
+
+    def __init__(self, service: str, port_variable: str, second_port_variable: str) -> None:
+        self.service = service
+        self.port = stack.free_port()
+        # Not under pytest's tmp_path (mode 0700): RabbitMQ runs as its own user.
+        self.directory = Path(tempfile.mkdtemp(prefix=f"ingestd-{service}-"))
+        self.directory.chmod(0o755)
+        self.env = {**os.environ, "INGESTD_STACK_DIR": str(self.directory),
+                    port_variable: str(self.port), second_port_variable: str(stack.free_port())}
+
+    def _stack(self, *args: str) -> None:
+        done = subprocess.run([str(stack.REPO / "scripts" / "stack"), *args], env=self.env,
+                              capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, f"scripts/stack {' '.join(args)}: {done.stderr}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        self._stack("up", self.service)
+
+    def down(self) -> None:
+        self._stack("down")
+
+    def pid(self) -> int:
+        return int((self.directory / self.service / f"{self.service}.pid").read_text())
+
+    def kill(self) -> None:
+        pid = self.pid()
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid)
+
+    def remove(self) -> None:
+        """Stop it and remove its folder."""
+        try:
+            self.down()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,150 @@
+"""The Celery broker failing under load: down while partitions move, down when ingestd is
+stopped, paused, restarted; Redis and RabbitMQ.
+
+Each test runs its own broker (Redis from conftest's private_redis_factory,
+RabbitMQ from scripts/stack), so that it can stop it; the reference tasks record
+what ran in the shared Redis, which stays up. A refused batch is retried, and a
+retried batch may have been accepted before: at-least-once allows duplicates
+here, so they are reported, not bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from tests import stack
+from tests.conftest import PrivateRedis
+from tests.faults.harness import PrivateService, Run
+
+pytestmark = pytest.mark.stack
+
+LOAD = 20_000
+LOAD_SECONDS = 25
+STEP = 2_000
+RETRY = ("--retry-max-backoff", "1", "--drain-timeout", "10")
+OUTAGE = 5.0  # seconds the broker stays down once the fault is in place
+
+
+def refused(*procs: stack.Ingestd) -> bool:
+    """Whether a worker of any of ``procs`` has had a batch refused and retries it."""
+    return any("retrying in" in proc.output() for proc in procs)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("move", ["joins", "leaves"])
+def test_broker_down_while_a_second_instance_moves_partitions(
+        private_redis_factory: Callable[..., PrivateRedis], make_run: Callable[..., Run],
+        move: str) -> None:
+    """Batches wait for the broker while the partitions they came from move to another
+    instance: the new owner starts from the last commit, so nothing is skipped."""
+    broker = private_redis_factory()
+    run = make_run(broker_url=broker.url)
+    run.ingestd(*RETRY, instance="a")
+    leaving = run.ingestd(*RETRY, instance="b") if move == "leaves" else None
+    run.load.start(LOAD, LOAD_SECONDS)
+    run.wait_progress(STEP)
+    codes = []
+    with run.celery_stopped():
+        broker.stop()
+        try:
+            assert stack.wait_until(lambda: refused(*run.started), 30), run.logs()
+            if leaving is None:
+                joining = run.ingestd(*RETRY, instance="b")
+                assert stack.wait_until(lambda: run.assigned(joining), 60), run.logs()
+            else:
+                codes.append(run.stop(leaving))
+            time.sleep(OUTAGE)
+        finally:
+            broker.start()
+    settled = run.settle()
+    codes += [run.stop(proc) for proc in run.started if proc is not leaving]
+    run.verify(max_duplicates=None)
+    assert settled and codes == [0, 0], run.logs()
+
+
+@pytest.mark.timeout(600)
+def test_stop_during_a_retry_commits_nothing_unaccepted(
+        private_redis_factory: Callable[..., PrivateRedis], make_run: Callable[..., Run]) -> None:
+    """TERM while a batch is being retried: the drain gives it up. Then what the group
+    committed must not pass any record that did not reach the broker or the dead-letter
+    topic; and a fresh ingestd finishes the job."""
+    broker = private_redis_factory()
+    run = make_run(broker_url=broker.url)
+    first = run.ingestd(*RETRY)
+    run.load.start(LOAD, LOAD_SECONDS)
+    run.wait_progress(STEP)
+    with run.celery_stopped():
+        broker.stop()
+        try:
+            assert stack.wait_until(lambda: refused(first), 30), run.logs()
+            stopped = run.stop(first)
+            committed = run.committed()
+        finally:
+            broker.start()
+    assert run.quiet(), "the celery worker did not run what the broker held"
+    at_stop = run.report(committed)
+    assert not at_stop.over_committed, f"{at_stop.explain(None)}\n{run.logs()}"
+    again = run.ingestd(*RETRY)
+    settled = run.settle()
+    code = run.stop(again)
+    run.verify(max_duplicates=None)
+    assert settled and stopped == code == 0, run.logs()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fault", ["paused", "restarted"])
+def test_redis_paused_or_restarted_under_load(
+        private_redis_factory: Callable[..., PrivateRedis], make_run: Callable[..., Run],
+        fault: str) -> None:
+    """Paused (SIGSTOP for 10 s, as long as ingestd's broker timeout): a publish may
+    time out after Redis took it. Restarted: connections drop and come back."""
+    broker = private_redis_factory()
+    run = make_run(broker_url=broker.url)
+    ingestd = run.ingestd(*RETRY)
+    run.load.start(LOAD, LOAD_SECONDS)
+    run.wait_progress(STEP)
+    if fault == "paused":
+        pid = int(redis.Redis.from_url(broker.url).info("server")["process_id"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    else:
+        with run.celery_stopped():
+            broker.stop()
+            try:
+                time.sleep(OUTAGE)
+            finally:
+                broker.start()
+    settled = run.settle()
+    code = run.stop(ingestd)
+    run.verify(max_duplicates=None)
+    assert settled and code == 0, run.logs()
+
+
+@pytest.mark.amqp
+@pytest.mark.timeout(600)
+def test_rabbitmq_restarted_under_load(private_rabbitmq: PrivateService,
+                                       make_run: Callable[..., Run]) -> None:
+    """The AMQP path: publisher confirms lost with the connection, a durable queue that
+    outlives the restart, and a celery worker that reconnects."""
+    run = make_run(broker_url=f"amqp://guest:guest@{private_rabbitmq.address}//")
+    ingestd = run.ingestd(*RETRY)
+    run.load.start(LOAD, LOAD_SECONDS)
+    run.wait_progress(STEP)
+    private_rabbitmq.down()
+    try:
+        time.sleep(OUTAGE)
+    finally:
+        private_rabbitmq.up()
+    settled = run.settle()
+    code = run.stop(ingestd)
+    run.verify(max_duplicates=None)
+    assert settled and code == 0, run.logs()
