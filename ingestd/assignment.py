@@ -72,6 +72,7 @@ class Assignment:
         self.static = config.assignment == "static"
         self.allowed = parse_partitions(config.partitions)
         self.owned: set[tuple[str, int]] = set()
+        self.revision = 0  # counts the times partitions were taken away
         self.joined = False
         self._next_refresh = 0.0
 
@@ -146,9 +147,11 @@ class Assignment:
         log.info("revoked %s", names(partitions))
         self.listener.revoking(partitions)
         self.owned -= {(tp.topic, tp.partition) for tp in partitions}
+        self.revision += 1
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Lost, not revoked: another member may own them already, so store nothing."""
         log.warning("lost %s", names(partitions))
         self.owned -= {(tp.topic, tp.partition) for tp in partitions}
+        self.revision += 1
         self.listener.lost(partitions)

@@ -12,8 +12,6 @@ the task id and the score in Redis, so that callers can count what ran:
 
 The broker comes from ``CELERY_BROKER_URL`` (default ``redis://localhost:6379/0``);
 the results go to ``INGESTD_RESULTS_URL``, else to the broker when it is Redis.
-``INGESTD_VISIBILITY_TIMEOUT`` (seconds) shortens how long a Redis broker keeps the
-messages a killed worker had taken before it hands them out again (kombu: 1 hour).
 """
 
 from __future__ import annotations
@@ -42,12 +40,6 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
-if os.environ.get("INGESTD_VISIBILITY_TIMEOUT") and BROKER_URL.startswith(("redis://", "rediss://")):
-    app.conf.broker_transport_options = {
-        "visibility_timeout": float(os.environ["INGESTD_VISIBILITY_TIMEOUT"]),
-        "unacked_restore_interval": 5,  # sweep every 5 s, not every 100 s
-        "unacked_restore_throttle": 1,
-    }
 
 
 def results_url(broker_url: str = BROKER_URL) -> str:

@@ -18,6 +18,7 @@ going and keeps serving Kafka with the partitions paused, and the status that
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -69,6 +70,7 @@ class Batch:
     oldest_ms: int = 0
     messages: Any = None  # what the dispatcher built from ``tasks``
     letters_sent: bool = False  # a retry must not send them again
+    revision: int = 0  # the assignment's revision when it was decoded
 
 
 class Worker:
@@ -140,6 +142,8 @@ class Worker:
                 self.await_commit()
                 if self.abandoned:
                     break
+                if batch.revision != self.assignment.revision:
+                    batch = self._without_revoked(batch)
                 self.watch.handed_over(len(batch.tasks))
                 self.inflight.submit(batch, self.publish)
             self.settle()
@@ -177,8 +181,12 @@ class Worker:
         return carry + more if carry else more
 
     def decode(self, messages: list[Message]) -> Batch:
-        """Validate each record; a task for each valid one, a dead letter for the rest."""
-        batch = Batch()
+        """Validate each record; a task for each valid one, a dead letter for the rest.
+        Records of partitions taken away since they were consumed are left out: their new
+        owner consumes them again from the committed offset, and a clean rebalance
+        repeats nothing."""
+        batch = Batch(revision=self.assignment.revision)
+        owned = self.assignment.owned
         # Bound to locals: this loop runs once per record.
         check = self.validator.check
         task, add_task = dispatch.Task, batch.tasks.append
@@ -194,6 +202,8 @@ class Worker:
             # Set on every message without an error.
             topic, partition, offset = cast(tuple[str, int, int],
                                             (msg.topic(), msg.partition(), msg.offset()))
+            if (topic, partition) not in owned:
+                continue
             offsets[(topic, partition)] = offset + 1
             consumed[topic] = consumed.get(topic, 0) + 1
             ts = msg.timestamp()[1]
@@ -220,6 +230,23 @@ class Worker:
             add_task(task(f"{topic}-{partition}-{first}-{last}", topic, raws, objs, ids))
         batch.oldest_ms = oldest
         return batch
+
+    def _without_revoked(self, batch: Batch) -> Batch:
+        """The batch less the records of partitions taken away while it waited (see
+        :meth:`decode`)."""
+        owned = self.assignment.owned
+
+        def mine(task: dispatch.Task) -> bool:
+            partition = task.task_id[len(task.topic) + 1:].split("-", 1)[0]
+            return (task.topic, int(partition)) in owned
+
+        tasks = [t for t in batch.tasks if mine(t)]
+        letters = [x for x in batch.letters if (x.topic, x.partition) in owned]
+        kept = dataclasses.replace(
+            batch, tasks=tasks, letters=letters, revision=self.assignment.revision,
+            offsets={k: v for k, v in batch.offsets.items() if k in owned})
+        kept.messages = self.dispatcher.prepare(tasks)
+        return kept
 
     def publish(self, batch: Batch) -> None:
         """On the in-flight thread: dead letters, then tasks; raises DispatchError when
