@@ -144,21 +144,8 @@ def records(n: int, start: int = 0) -> Iterator[bytes]:
     return (stack.signal_record(i) for i in range(start, start + n))
 
 
-def survivors(marker: str) -> list[int]:
-    """Processes whose command line holds ``marker`` (a test's own group id)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def kill_survivors(marker: str) -> None:
-    for pid in survivors(marker):
+    for pid in stack.survivors(marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -567,7 +554,7 @@ def test_quit_stops_at_once_and_leaves_no_worker_behind(topic_factory: Callable[
             assert stack.wait_until(lambda: is_partitioned(ownership(ingestd), topic, 2, 2), 60)
             ingestd.signal(signal.SIGQUIT)
             assert ingestd.wait(30) == 0
-        left = survivors(g)
+        left = stack.survivors(g)
     finally:
         kill_survivors(g)
     assert left == []
