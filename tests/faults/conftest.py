@@ -12,10 +12,12 @@ from tests.faults.harness import PARTITIONS, PrivateService, Run
 @pytest.fixture
 def make_run(topic_factory: Callable[..., str], redis_db: int) -> Iterator[Callable[..., Run]]:
     """Builds the scenario's run, with a real ``celery worker`` on its Celery broker (by
-    default this test's Redis database; results always go there). Its ingestd processes,
-    any worker they left behind, and the celery worker are stopped at the end."""
+    default this test's Redis database; results always go there) unless ``celery`` is
+    False (the test starts it later). Its ingestd processes, any worker they left behind,
+    and the celery worker are stopped at the end."""
     with contextlib.ExitStack() as cleanup:
-        def make(broker_url: str | None = None, bootstrap: str = stack.BOOTSTRAP) -> Run:
+        def make(broker_url: str | None = None, bootstrap: str = stack.BOOTSTRAP,
+                 celery: bool = True) -> Run:
             results = stack.redis_url(redis_db)
             if bootstrap == stack.BOOTSTRAP:
                 topic, dlq = topic_factory(PARTITIONS), topic_factory(1, prefix="dlq")
@@ -24,7 +26,8 @@ def make_run(topic_factory: Callable[..., str], redis_db: int) -> Iterator[Calla
                 dlq = stack.create_topic(1, prefix="dlq", bootstrap=bootstrap)
             run = Run(topic, dlq, stack.group(), broker_url or results, results, bootstrap)
             cleanup.callback(run.close)
-            run.start_celery()
+            if celery:
+                run.start_celery()
             return run
 
         yield make

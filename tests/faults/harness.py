@@ -13,7 +13,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +30,6 @@ POISON = (b"not json {", b'[{"name": "n", "value": 1}]',
           b'{"name": "n", "value": 1, "source": "s"}')
 POISON_EVERY = 50
 QUIET = 3.0  # seconds without a new execution before a settled run is judged
-# A celery worker killed, or cut off from Redis, leaves what it had taken in kombu's
-# unacked hash: its successor restores it after this many seconds (kombu's default: 1 h).
-VISIBILITY_TIMEOUT = 20
 
 
 def record(i: int) -> tuple[bytes, bool]:
@@ -122,29 +118,12 @@ class Run:
         self._celery: contextlib.ExitStack | None = None
 
     def start_celery(self) -> None:
-        """A real ``celery worker`` on this run's Celery broker, recording in results_url."""
+        """A real ``celery worker`` on this run's Celery broker, recording in results_url;
+        stopped by close()."""
         celery = contextlib.ExitStack()
-        env = {"INGESTD_RESULTS_URL": self.results_url,
-               "INGESTD_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT)}
-        celery.enter_context(stack.celery_worker(self.broker_url, env=env))
+        celery.enter_context(stack.celery_worker(self.broker_url,
+                                                 env={"INGESTD_RESULTS_URL": self.results_url}))
         self._celery = celery
-
-    def stop_celery(self) -> None:
-        if self._celery is not None:
-            self._celery.close()
-            self._celery = None
-
-    @contextlib.contextmanager
-    def celery_stopped(self) -> Iterator[None]:
-        """The celery worker stopped (a warm shutdown, which gives back what it took) and
-        started again afterwards. For Redis outages: kombu 5.7's Redis transport does not
-        survive a broker restart (the worker stops consuming, or dies restoring the
-        messages it had taken), which is no fault of ingestd's."""
-        self.stop_celery()
-        try:
-            yield
-        finally:
-            self.start_celery()
 
     def ingestd(self, *extra: str, instance: str | None = None,
                 workers: int = 2) -> stack.Ingestd:
@@ -298,7 +277,8 @@ class Run:
             proc.stop()
         for pid in stack.survivors(self.group):
             os.kill(pid, signal.SIGKILL)
-        self.stop_celery()
+        if self._celery is not None:
+            self._celery.close()
 
 
 def wait_gone(pid: int, timeout: float = 30) -> bool:
