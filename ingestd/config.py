@@ -75,21 +75,45 @@ def _dlq_topic(v: str | None) -> str | None:
     return None if not v else _topic(v)
 
 
-# Consumer properties that ingestd sets from its own options, or whose other
-# values would break how it hands partitions over.
-_OWNED_PROPERTIES = {
-    "group.protocol": "key=value for any property but group.protocol (use --group-protocol)",
-    "partition.assignment.strategy": "key=value for any property but "
-                                     "partition.assignment.strategy (ingestd relies on the "
-                                     "incremental cooperative-sticky assignor)",
+# Consumer properties ingestd sets itself: its guarantees (at-least-once, the
+# one-batch bound, partitions handed over without a stall) depend on their
+# values, or an option of its own sets them. ``-X`` refuses them; the README
+# shows this table (``protected_table``).
+PROTECTED_PROPERTIES: dict[str, str] = {
+    "enable.auto.offset.store": "ingestd stores an offset only after the Celery broker "
+                                "accepted the record",
+    "enable.auto.commit": "ingestd commits stored offsets: in the background, on each "
+                          "revoke and at a stop",
+    "auto.commit.enable": "an alias of enable.auto.commit",
+    "offset.store.method": "offsets are committed to the consumer group",
+    "isolation.level": "records of aborted transactions must never reach Celery "
+                       "(read_committed)",
+    "group.id": "use --group-id: the dead letters and the ownership watcher name it too",
+    "group.instance.id": "each worker joins as <--instance-id>-<slot>",
+    "group.protocol": "use --group-protocol",
+    "partition.assignment.strategy": "ingestd relies on the incremental cooperative-sticky "
+                                     "assignor",
+    "bootstrap.servers": "use --bootstrap-servers: the dead-letter producer and the "
+                         "ownership watcher use it too",
+    "metadata.broker.list": "an alias of bootstrap.servers: use --bootstrap-servers",
 }
 
 
 def _kafka_property(v: str) -> str | None:
     key, sep, _ = v.partition("=")
-    if not (sep and key.strip()):
+    key = key.strip()
+    if not (sep and key):
         return "key=value"
-    return _OWNED_PROPERTIES.get(key.strip())
+    if key in PROTECTED_PROPERTIES:
+        return f"key=value for any property but {key} ({PROTECTED_PROPERTIES[key]})"
+    return None
+
+
+def protected_table() -> str:
+    """The README's table of the properties ``-X`` refuses."""
+    rows = ["| property | why ingestd sets it |", "|---|---|"]
+    rows += [f"| `{key}` | {why} |" for key, why in PROTECTED_PROPERTIES.items()]
+    return "\n".join(rows)
 
 
 def parse_partitions(spec: str) -> frozenset[int] | None:
@@ -224,10 +248,20 @@ class Config:
 
 
 SETTINGS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Config)
-# Keys ending in password or secret, and every property librdkafka itself treats as
-# sensitive (it shows them as [redacted]).
-SECRET_KEY = re.compile(r"(password|secret|passphrase|key\.pem|^sasl\.oauthbearer\.config)$",
-                        re.IGNORECASE)
+# Every property librdkafka treats as sensitive (it prints them as [redacted];
+# tests/test_config.py walks librdkafka's own list to keep this one in step),
+# and the certificate, which an operator may not want in logs either.
+SENSITIVE_PROPERTIES = frozenset({
+    "sasl.username", "sasl.password", "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.secret", "sasl.oauthbearer.client.credentials.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+    "ssl.key.location", "ssl.key.password", "ssl.key.pem", "ssl.keystore.password",
+    "ssl.ca.pem", "ssl.certificate.pem",
+})
+# And any other key that ends in password, secret or passphrase.
+SECRET_KEY = re.compile(r"(password|secret|passphrase)$", re.IGNORECASE)
 REDACTED = "***"
 
 
@@ -264,9 +298,24 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:{REDACTED}@{host}"
 
 
+def sensitive(key: str) -> bool:
+    """Whether a librdkafka property's value must never be shown."""
+    key = key.strip()
+    return key in SENSITIVE_PROPERTIES or bool(SECRET_KEY.search(key))
+
+
 def redact_property(prop: str) -> str:
     key = prop.partition("=")[0]
-    return f"{key}={REDACTED}" if SECRET_KEY.search(key.strip()) else prop
+    return f"{key}={REDACTED}" if sensitive(key) else prop
+
+
+def redact_values(text: str, props: Mapping[str, Any]) -> str:
+    """``text`` (say, librdkafka's message about a property) without the value of any
+    sensitive property in ``props``."""
+    for key, value in props.items():
+        if sensitive(key) and isinstance(value, str) and value:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def redact(text: str) -> str:

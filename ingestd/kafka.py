@@ -7,7 +7,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from ingestd.config import Config
+from ingestd.config import Config, redact_values
 from ingestd.errors import ConfigError
 
 # Properties the dead-letter producer shares with the consumer: how to reach
@@ -91,5 +91,5 @@ def check_properties(props: dict[str, Any]) -> None:
                            "logger": logging.getLogger("librdkafka")})
     except (KafkaException, ValueError, TypeError) as exc:
         msg = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
-        raise ConfigError(f"kafka-property: {msg}") from None
+        raise ConfigError(f"kafka-property: {redact_values(msg, props)}") from None
     client.close()

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd import config
 from tests import stack
+from tests.rdkafka_conf import sensitive_properties
 
 if TYPE_CHECKING:
     from tests.conftest import PrivateRedis
@@ -166,6 +167,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], words: list[
     return line
 
 
+@pytest.mark.parametrize("prop", sorted(config.PROTECTED_PROPERTIES))
+def test_every_protected_property_exits_2_with_one_line(prop: str) -> None:
+    value = "read_uncommitted" if prop == "isolation.level" else "true"
+    assert_one_line_error(run_cli(*SAFE, "-X", f"{prop}={value}"),
+                          ["kafka-property", f"any property but {prop}"])
+    env_line = assert_one_line_error(
+        run_cli(*SAFE, env={"INGESTD_KAFKA_PROPERTY": f"fetch.min.bytes=1,{prop}={value}"}), [])
+    assert f"any property but {prop}" in env_line
+
+
 @pytest.mark.parametrize(("args", "words"), BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
 def test_bad_flag_exits_2_with_one_line(args: list[str], words: list[str]) -> None:
     assert_one_line_error(run_cli(*SAFE, *args), words)
@@ -288,7 +299,8 @@ def test_check_stopped_broker_is_one_problem_naming_it(topic_factory: Callable[.
 
 # --- 3. secrets -------------------------------------------------------------
 
-SECRET_PROPS = ("-X", f"sasl.password={SECRET}", "-X", f"ssl.key.password={SECRET}")
+SECRET_PROPS = ("-X", f"sasl.password={SECRET}", "-X", f"ssl.key.password={SECRET}",
+                "-X", f"sasl.username={SECRET}", "-X", f"ssl.key.pem={SECRET}")
 
 
 def assert_no_secret(*texts: str) -> None:
@@ -314,7 +326,7 @@ def test_check_never_shows_secrets(topic_factory: Callable[..., str],
         assert shown["broker_url"][0] == repr(shown_url)
         assert f"celery broker {shown_url}: reachable" in result.stdout
     assert described(by_flag.stdout)["kafka_property"][0] == \
-        "('sasl.password=***', 'ssl.key.password=***')"
+        "('sasl.password=***', 'ssl.key.password=***', 'sasl.username=***', 'ssl.key.pem=***')"
     assert described(by_env.stdout)["kafka_property"] == ("('sasl.password=***',)", "env")
 
     # The broker refuses: a wrong password, and nothing listening.
@@ -388,14 +400,9 @@ def test_broker_url_with_a_slash_in_the_password_is_not_shown(url: str) -> None:
 
 
 
-@pytest.mark.parametrize("prop", [
-    "ssl.keystore.password", "sasl.oauthbearer.client.secret",
-    "ssl.key.pem",
-    "sasl.oauthbearer.assertion.private.key.pem",
-    "sasl.oauthbearer.assertion.private.key.passphrase",
-    "sasl.oauthbearer.config",
-])
+@pytest.mark.parametrize("prop", sorted(sensitive_properties() | config.SENSITIVE_PROPERTIES))
 def test_every_property_librdkafka_calls_sensitive_is_redacted(prop: str) -> None:
+    """Walks librdkafka's own list (``tests/rdkafka_conf.py``), not a copy of it."""
     result = run_cli(*SAFE, "-X", f"{prop}={SECRET}")
     assert result.returncode == 1, (result.stdout, result.stderr)  # the check ran
     assert described(result.stdout)["kafka_property"][0] == f"('{prop}=***',)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from ingestd import config
 from ingestd.config import Config, Loaded
 from ingestd.errors import ConfigError
+from tests.rdkafka_conf import sensitive_properties
 
 TomlWriter = Callable[..., str]
 
@@ -312,8 +314,9 @@ SECRET_PROPS = [
     "sasl.oauthbearer.client.secret=oauth-s3cret",
     "ssl.keystore.password=store-pw",
     "My.Custom.SECRET=Shh-UPPER",
+    "sasl.username=alice",  # librdkafka treats it as sensitive too
 ]
-PLAIN_PROPS = ["security.protocol=SASL_SSL", "sasl.username=alice", "auto.offset.reset=earliest"]
+PLAIN_PROPS = ["security.protocol=SASL_SSL", "sasl.mechanism=PLAIN", "auto.offset.reset=earliest"]
 
 
 def _all_text(loaded: Loaded) -> str:
@@ -407,3 +410,23 @@ def test_bad_kafka_property_list_does_not_leak_secrets(toml: TomlWriter, text: s
     with pytest.raises(ConfigError) as info:
         load(["--config", path])
     assert "url-pa55" not in str(info.value)
+
+
+def test_every_property_librdkafka_treats_as_sensitive_is_sensitive_here() -> None:
+    """librdkafka's own list, read from the library itself (``tests/rdkafka_conf.py``)."""
+    theirs = sensitive_properties()
+    assert {"sasl.username", "sasl.password", "ssl.key.password", "ssl.key.pem",
+            "ssl.ca.pem"} <= theirs  # the walk itself works
+    assert {key for key in theirs if not config.sensitive(key)} == set()
+    for key in theirs | config.SENSITIVE_PROPERTIES:
+        assert config.redact_property(f"{key}=x=y") == f"{key}=***"
+        assert config.redact_values(f"bad value x=y for {key}", {key: "x=y"}) == \
+            f"bad value *** for {key}"
+
+
+def test_every_protected_property_is_refused() -> None:
+    for key in config.PROTECTED_PROPERTIES:
+        with pytest.raises(ConfigError, match=f"any property but {re.escape(key)} "):
+            load(["-X", f" {key} =true"], {})
+    assert load(["-X", "enable.partition.eof=true"], {}).config.kafka_properties == {
+        "enable.partition.eof": "true"}

@@ -1,20 +1,23 @@
-"""The README's option table is the one the declarations generate."""
+"""The README's generated tables are the ones the declarations generate."""
 
 from __future__ import annotations
 
 import re
 
-from ingestd.config import options_table
+import pytest
+
+from ingestd import config
 from tests.stack import REPO
 
 
-def test_readme_option_table_matches_declarations() -> None:
+@pytest.mark.parametrize("table", ["options", "protected"])
+def test_readme_tables_match_declarations(table: str) -> None:
     readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- options:begin[^>]*-->\n(.*?)\n<!-- options:end -->", readme, re.S)
-    assert block is not None, "README lost its options markers"
-    assert block.group(1) == options_table(), (
-        "README option table is stale; regenerate it with: "
-        "python -c 'from ingestd.config import options_table; print(options_table())'")
+    block = re.search(rf"<!-- {table}:begin[^>]*-->\n(.*?)\n<!-- {table}:end -->", readme, re.S)
+    assert block is not None, f"README lost its {table} markers"
+    assert block.group(1) == getattr(config, f"{table}_table")(), (
+        f"README {table} table is stale; regenerate it with: "
+        f"python -c 'from ingestd.config import {table}_table; print({table}_table())'")
 
 
 def test_example_host_config_loads() -> None:
