@@ -41,6 +41,12 @@ class Task(NamedTuple):
     ids: list[str] | None = None
 
 
+def slice_task(topic: str, raws: list[bytes], objs: list[Any], ids: list[str]) -> Task:
+    """A batch task: the records of one partition, in order. Its id names the first and
+    the last record's offset: ``<topic>-<partition>-<first>-<last>``."""
+    return Task(f"{ids[0]}-{ids[-1].rsplit('-', 1)[1]}", topic, raws, objs, ids)
+
+
 class Dispatcher(Protocol):
     """Not thread-safe: one thread at a time (the worker keeps a second one for probes)."""
 
@@ -233,26 +239,26 @@ class AmqpDispatcher(_Base):
         """An unroutable message: the broker confirms it all the same, after this."""
         self._returned += 1
 
-    def prepare(self, tasks: Sequence[Task]) -> Sequence[Task]:
-        return tasks  # amqp.Message objects come from the channel, in send()
+    def prepare(self, tasks: Sequence[Task]) -> list[tuple[bytes, dict[str, Any],
+                                                        dict[str, Any]]]:
+        """Body, headers and properties of each message; the channel wraps them in send()."""
+        b, batch = self.builder, self.batch
+        return [(b.body(t.raws, batch), b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids),
+                 b.properties(t.task_id)) for t in tasks]
 
-    def send(self, tasks: Sequence[Task]) -> None:
-        if not tasks:
+    def send(self, prepared: list[tuple[bytes, dict[str, Any], dict[str, Any]]]) -> None:
+        if not prepared:
             return
         c = self.captured
         try:
             channel = self._channel()
             nacked_before, returned_before = self._nacked, self._returned
-            for t in tasks:
-                body = self.builder.body(t.raws, self.batch)
-                message = channel.prepare_message(
-                    body, 0, c.content_type, c.content_encoding,
-                    self.builder.headers(t.task_id, t.raws, _args(t, self.batch), self.batch,
-                                         t.ids),
-                    self.builder.properties(t.task_id))
+            for body, headers, properties in prepared:
+                message = channel.prepare_message(body, 0, c.content_type, c.content_encoding,
+                                                  headers, properties)
                 channel.basic_publish(message, exchange=c.exchange, routing_key=c.routing_key,
                                       mandatory=True)
-            self._published += len(tasks)
+            self._published += len(prepared)
             conn = self._connection()
             while self._acked < self._published:
                 conn.drain_events(timeout=self.app.conf.broker_transport_options["read_timeout"])

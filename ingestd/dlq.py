@@ -1,15 +1,39 @@
-"""The dead-letter topic: invalid records with headers that say why."""
+"""The dead-letter topic: invalid records with headers that say why.
+
+A dead letter carries the record's key, value and headers, then ingestd's own
+headers in a fixed order (:data:`HEADERS`). A letter that Kafka refuses as too
+large (the producer's ``message.max.bytes``, or the topic's
+``max.message.bytes``) is still delivered, first without its value, then also
+without its key and the record's headers; ``ingestd.value.omitted`` and its
+siblings give the sizes left out. The original stays in the source topic, at
+the coordinates the headers name.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ingestd.errors import DispatchError
 
 FLUSH_TIMEOUT = 30.0
+DETAIL_MAX = 1024
+ERROR, DETAIL = "ingestd.error", "ingestd.error.detail"
+TOPIC, PARTITION, OFFSET = "ingestd.source.topic", "ingestd.source.partition", \
+    "ingestd.source.offset"
+TIMESTAMP, GROUP = "ingestd.source.timestamp", "ingestd.source.group"
+VALUE_OMITTED, KEY_OMITTED, HEADERS_OMITTED = \
+    "ingestd.value.omitted", "ingestd.key.omitted", "ingestd.headers.omitted"
+# ingestd's headers, in the order every dead letter carries them; the last three
+# only when Kafka refused the letter as too large.
+HEADERS = (ERROR, DETAIL, TOPIC, PARTITION, OFFSET, TIMESTAMP, GROUP,
+           VALUE_OMITTED, KEY_OMITTED, HEADERS_OMITTED)
+_OWN = frozenset(HEADERS)
+
+Headers = list[tuple[str, str | bytes | None]]
+FULL, NO_VALUE, BARE = 0, 1, 2  # how much of the record a letter still carries
 
 
 @dataclass(frozen=True)
@@ -24,47 +48,81 @@ class DeadLetter:
     value: bytes | None
     reason: str
     detail: str
+    headers: Headers | None = None  # the record's own
 
-    def headers(self) -> list[tuple[str, str | bytes | None]]:
-        return [
-            ("ingestd.error", self.reason.encode()),
-            ("ingestd.error.detail", self.detail.encode()[:1024]),
-            ("ingestd.source.topic", self.topic.encode()),
-            ("ingestd.source.partition", str(self.partition).encode()),
-            ("ingestd.source.offset", str(self.offset).encode()),
-            ("ingestd.source.timestamp", str(self.timestamp).encode()),
+    def record(self, group: str, trim: int = FULL) -> tuple[bytes | None, bytes | None, Headers]:
+        """Key, value and headers of the letter; ``trim`` leaves out the value (NO_VALUE),
+        or the value, key and the record's headers (BARE)."""
+        own: Headers = [
+            (ERROR, self.reason.encode()),
+            (DETAIL, self.detail.encode(errors="replace")[:DETAIL_MAX]),
+            (TOPIC, self.topic.encode()),
+            (PARTITION, str(self.partition).encode()),
+            (OFFSET, str(self.offset).encode()),
+            (TIMESTAMP, str(self.timestamp).encode()),
+            (GROUP, group.encode()),
         ]
+        theirs = [(k, v) for k, v in self.headers or () if k not in _OWN]
+        key, value = self.key, self.value
+        if trim >= NO_VALUE:
+            own.append((VALUE_OMITTED, str(len(value or b"")).encode()))
+            value = b""
+        if trim >= BARE:
+            own += [(KEY_OMITTED, str(len(key or b"")).encode()),
+                    (HEADERS_OMITTED, str(len(theirs)).encode())]
+            key, theirs = None, []
+        return key, value, theirs + own
 
 
 class DeadLetterProducer:
     """Produces a batch of dead letters and waits for every delivery report."""
 
-    def __init__(self, topic: str, props: dict[str, Any]) -> None:
+    def __init__(self, topic: str, props: dict[str, Any], group: str) -> None:
         self.topic = topic
+        self.group = group
         self.producer = Producer(props)
 
     def send(self, letters: list[DeadLetter]) -> None:
-        """Return once Kafka acknowledged every letter; raise DispatchError otherwise."""
-        if not letters:
-            return
-        errors: list[KafkaError] = []
+        """Return once Kafka acknowledged every letter, trimmed where it was too large;
+        raise DispatchError otherwise."""
+        pending = [(letter, FULL) for letter in letters]
+        while pending:
+            refused: list[tuple[DeadLetter, int]] = []
+            errors: list[KafkaError] = []
+            for letter, trim in pending:
+                self._produce(letter, trim, refused, errors)
+            remaining = self.producer.flush(FLUSH_TIMEOUT)
+            if remaining or errors:
+                first = errors[0].str() if errors else f"{remaining} not delivered in time"
+                raise DispatchError(f"dead-letter topic {self.topic!r}: {first}")
+            pending = refused
+
+    def _produce(self, letter: DeadLetter, trim: int, refused: list[tuple[DeadLetter, int]],
+                 errors: list[KafkaError]) -> None:
+        """Queue one letter; one that is too large, or that librdkafka will not take as it
+        is, goes to ``refused`` to be sent again with less of the record."""
 
         def report(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
+            if err is None:
+                return
+            if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and trim < BARE:
+                refused.append((letter, trim + 1))
+            else:
                 errors.append(err)
 
-        for letter in letters:
-            while True:
-                try:
-                    self.producer.produce(self.topic, value=letter.value, key=letter.key,
-                                          headers=letter.headers(), on_delivery=report)
-                    break
-                except BufferError:
-                    self.producer.poll(0.1)
-        remaining = self.producer.flush(FLUSH_TIMEOUT)
-        if remaining or errors:
-            first = errors[0].str() if errors else f"{remaining} not delivered in time"
-            raise DispatchError(f"dead-letter topic {self.topic!r}: {first}")
+        key, value, headers = letter.record(self.group, trim)
+        while True:
+            try:
+                self.producer.produce(self.topic, value=value, key=key, headers=headers,
+                                      on_delivery=report)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+            except (KafkaException, TypeError, ValueError):
+                if trim == BARE:  # ingestd's own headers alone: not the record's fault
+                    raise
+                refused.append((letter, BARE if trim == NO_VALUE else NO_VALUE))
+                return
 
     def close(self) -> None:
         self.producer.flush(FLUSH_TIMEOUT)

@@ -11,9 +11,11 @@ from ingestd.config import Config, redact_values
 from ingestd.errors import ConfigError
 
 # Properties the dead-letter producer shares with the consumer: how to reach
-# and authenticate to the cluster, nothing about fetching.
+# and authenticate to the cluster, and the largest message (a dead letter holds
+# a consumed record), nothing about fetching.
 _SHARED_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "broker.", "client.", "client.rack",
-                    "api.version", "reconnect.", "metadata.", "topic.metadata.", "log.")
+                    "api.version", "reconnect.", "metadata.", "topic.metadata.", "log.",
+                    "message.max.bytes")
 
 
 GROUP_PROTOCOLS: dict[str, dict[str, Any]] = {

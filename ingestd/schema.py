@@ -21,7 +21,8 @@ import msgspec
 from ingestd.errors import ConfigError, RecordError
 
 DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE = "decode", "not_object", "schema", "too_large"
-REASONS = (DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE)
+INTERNAL = "internal"  # any other exception while one record was handled
+REASONS = (DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE, INTERNAL)
 DETAIL_MAX = 1024
 # A prefork `celery worker` fails tasks nested ~500 deep (pickling recursion)
 # and dies at ~700, on every retry: such records are refused here.

@@ -41,7 +41,7 @@ from ingestd.errors import DispatchError, KafkaFatalError, RecordError
 from ingestd.heartbeat import READY, REJOIN, REPLACE
 from ingestd.inflight import InFlight
 from ingestd.offsets import Offsets
-from ingestd.schema import Validator
+from ingestd.schema import INTERNAL, Validator
 
 log = logs.get("worker")
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
@@ -71,6 +71,7 @@ class Batch:
     messages: Any = None  # what the dispatcher built from ``tasks``
     letters_sent: bool = False  # a retry must not send them again
     revision: int = 0  # the assignment's revision when it was decoded
+    records: list[Message] = field(default_factory=list)  # consumed; kept until built
 
 
 class Worker:
@@ -99,7 +100,7 @@ class Worker:
         self.task_name = config.batch_task if config.dispatch == "batch" else config.task
         dlq_topic = config.dead_letter_topic
         self.dlq = (DeadLetterProducer(dlq_topic, {**kafka.producer_config(config),
-                                                   "logger": LIBRDKAFKA_LOG})
+                                                   "logger": LIBRDKAFKA_LOG}, config.group_id)
                     if dlq_topic else None)
         self.invalid_log = logs.RateLimited(logs.get("invalid_record"))
         self.kafka_log = logs.RateLimited(logs.get("kafka"))
@@ -138,7 +139,7 @@ class Worker:
                 if not messages or self.abandoned:
                     continue
                 batch = self.decode(messages)
-                batch.messages = self.dispatcher.prepare(batch.tasks)
+                self.build(batch)
                 self.await_commit()
                 if self.abandoned:
                     break
@@ -192,7 +193,7 @@ class Worker:
         task, add_task = dispatch.Task, batch.tasks.append
         offsets, consumed = batch.offsets, batch.consumed
         each = self.config.dispatch == "each"
-        slices: dict[tuple[str, int], tuple[int, int, list[bytes], list[Any], list[str]]] = {}
+        slices: dict[tuple[str, int], tuple[str, list[bytes], list[Any], list[str]]] = {}
         oldest = 0
         for msg in messages:
             err = msg.error()
@@ -213,23 +214,35 @@ class Worker:
             try:
                 obj = check(raw)
             except RecordError as exc:
-                batch.letters.append(DeadLetter(topic, partition, offset, ts, msg.key(), raw,
-                                                exc.reason, exc.detail))
+                batch.letters.append(_letter(msg, exc.reason, exc.detail))
+                continue
+            except Exception as exc:  # a bug or a library's limit: this record's alone
+                batch.letters.append(_letter(msg, INTERNAL, _describe(exc)))
                 continue
             assert raw is not None  # check() refuses tombstones
             if each:
                 add_task(task(f"{topic}-{partition}-{offset}", topic, [raw], [obj]))
             else:
-                first, _, raws, objs, ids = slices.get((topic, partition),
-                                                       (offset, 0, [], [], []))
+                _, raws, objs, ids = slices.setdefault((topic, partition), (topic, [], [], []))
                 raws.append(raw)
                 objs.append(obj)
                 ids.append(f"{topic}-{partition}-{offset}")
-                slices[(topic, partition)] = (first, offset, raws, objs, ids)
-        for (topic, partition), (first, last, raws, objs, ids) in slices.items():
-            add_task(task(f"{topic}-{partition}-{first}-{last}", topic, raws, objs, ids))
+        for topic, raws, objs, ids in slices.values():
+            add_task(dispatch.slice_task(topic, raws, objs, ids))
         batch.oldest_ms = oldest
+        batch.records = messages
         return batch
+
+    def build(self, batch: Batch) -> None:
+        """The batch's messages. A record that cannot be built (any exception) becomes a
+        dead letter (``internal``) on its own; the others are built as usual."""
+        try:
+            batch.messages = self.dispatcher.prepare(batch.tasks)
+        except Exception:
+            batch.tasks, letters = buildable(self.dispatcher.prepare, batch.tasks, batch.records)
+            batch.letters += letters
+            batch.messages = self.dispatcher.prepare(batch.tasks)
+        batch.records = []
 
     def _without_revoked(self, batch: Batch) -> Batch:
         """The batch less the records of partitions taken away while it waited (see
@@ -519,6 +532,57 @@ class Worker:
             self.dlq.close()
         self.watch.close()
         self.dispatcher.close()
+
+
+def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatch.Task],
+              records: list[Message]) -> tuple[list[dispatch.Task], list[DeadLetter]]:
+    """``tasks`` less the records whose message fails to build, and their dead letters
+    (``internal``). A batch task that fails is built again from the records that do
+    build."""
+    by_offset = {(m.topic(), m.partition(), m.offset()): m for m in records}
+    kept, letters = [], []
+    for task in tasks:
+        if _fails(prepare, task) is None:
+            kept.append(task)
+            continue
+        ids = task.ids or [task.task_id]
+        good = []
+        for rid, raw, obj in zip(ids, task.raws, task.objs, strict=True):
+            one = dispatch.Task(rid, task.topic, [raw], [obj], task.ids and [rid])
+            exc = _fails(prepare, one)
+            if exc is None:
+                good.append(one)
+                continue
+            partition, offset = map(int, rid[len(task.topic) + 1:].split("-"))
+            letters.append(_letter(by_offset[(task.topic, partition, offset)], INTERNAL,
+                                   _describe(exc)))
+        if task.ids is not None and good:
+            kept.append(dispatch.slice_task(task.topic, [t.raws[0] for t in good],
+                                            [t.objs[0] for t in good],
+                                            [t.task_id for t in good]))
+        elif task.ids is None:
+            kept += good
+    return kept, letters
+
+
+def _fails(prepare: Callable[[list[dispatch.Task]], Any], task: dispatch.Task) -> Exception | None:
+    try:
+        prepare([task])
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _letter(msg: Message, reason: str, detail: str) -> DeadLetter:
+    """The dead letter of a consumed record (``msg`` has no error)."""
+    return DeadLetter(cast(str, msg.topic()), cast(int, msg.partition()),
+                      cast(int, msg.offset()), msg.timestamp()[1], msg.key(), msg.value(),
+                      reason, detail, cast("list[tuple[str, str | bytes | None]] | None",
+                                           msg.headers()))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _fatal(err: KafkaError) -> bool:

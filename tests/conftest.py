@@ -26,8 +26,9 @@ def kafka() -> str:
 def topic_factory(kafka: str) -> Iterator[Callable[..., str]]:
     made: list[str] = []
 
-    def make(partitions: int = 1, prefix: str = "t") -> str:
-        name = stack.create_topic(partitions, prefix)
+    def make(partitions: int = 1, prefix: str = "t", name: str | None = None,
+             config: dict[str, str] | None = None) -> str:
+        name = stack.create_topic(partitions, prefix, name=name, config=config)
         made.append(name)
         return name
 

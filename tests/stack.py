@@ -69,9 +69,11 @@ def forget_admin(bootstrap: str) -> None:
     _admins.pop(bootstrap, None)
 
 
-def create_topic(partitions: int = 1, prefix: str = "t", bootstrap: str = BOOTSTRAP) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    futures = admin(bootstrap).create_topics([NewTopic(name, partitions, 1)],
+def create_topic(partitions: int = 1, prefix: str = "t", bootstrap: str = BOOTSTRAP,
+                 name: str | None = None, config: dict[str, str] | None = None) -> str:
+    """A new topic; ``config`` holds topic settings such as ``max.message.bytes``."""
+    name = name or f"{prefix}-{uuid.uuid4().hex[:12]}"
+    futures = admin(bootstrap).create_topics([NewTopic(name, partitions, 1, config=config or {})],
                                              operation_timeout=15)
     futures[name].result(timeout=30)
     wait_for_topic(name, partitions, bootstrap=bootstrap)
@@ -96,7 +98,9 @@ def delete_topic(name: str, bootstrap: str = BOOTSTRAP) -> None:
 
 def produce(topic: str, records: Iterable[bytes | None], partition: int | None = None,
             keys: Iterable[bytes | None] | None = None, bootstrap: str = BOOTSTRAP,
-            delivered: list[tuple[int, int, int]] | None = None) -> int:
+            delivered: list[tuple[int, int, int]] | None = None,
+            headers: Iterable[list[tuple[str, bytes]] | None] | None = None,
+            props: dict[str, Any] | None = None) -> int:
     """Produce records and wait until Kafka acknowledged every one.
 
     ``delivered`` receives ``(index in records, partition, offset)`` for each, from
@@ -104,7 +108,7 @@ def produce(topic: str, records: Iterable[bytes | None], partition: int | None =
     """
     # Idempotent: a retry after a broker failure writes no second copy at another offset.
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
-                         "enable.idempotence": True})
+                         "enable.idempotence": True, **(props or {})})
     errors: list[Any] = []
 
     def reporter(index: int) -> Callable[[Any, Any], None]:
@@ -117,9 +121,10 @@ def produce(topic: str, records: Iterable[bytes | None], partition: int | None =
 
     n = 0
     key_iter = iter(keys) if keys is not None else itertools.repeat(None)
+    header_iter = iter(headers) if headers is not None else itertools.repeat(None)
     for value in records:
         kwargs: dict[str, Any] = {"value": value, "key": next(key_iter),
-                                  "on_delivery": reporter(n)}
+                                  "headers": next(header_iter), "on_delivery": reporter(n)}
         if partition is not None:
             kwargs["partition"] = partition
         while True:

@@ -16,7 +16,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer
 
-from ingestd import reference_tasks
+from ingestd import dlq, reference_tasks
 from tests import stack
 
 INVALID = {
@@ -80,7 +80,9 @@ def test_invalid_records_are_dead_lettered_with_headers(topic_factory: Callable[
     topic = topic_factory(partitions=1)
     topic_factory_dlq = f"{topic}.dlq"
     values: list[bytes | None] = [stack.signal_record(0), *INVALID, None, stack.signal_record(1)]
-    stack.produce(topic, values, partition=0, keys=(f"k{i}".encode() for i in range(len(values))))
+    stack.produce(topic, values, partition=0, keys=(f"k{i}".encode() for i in range(len(values))),
+                  headers=([("trace", f"t{i}".encode()), ("ingestd.error", b"spoofed"),
+                            ("trace", b"again")] for i in range(len(values))))
     g = stack.group()
     with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, "--max-record-bytes", "30000")) \
             as ingestd:
@@ -93,6 +95,11 @@ def test_invalid_records_are_dead_lettered_with_headers(topic_factory: Callable[
         expected = [*INVALID.items(), (None, "decode")]
         for i, (msg, (value, reason)) in enumerate(zip(letters, expected, strict=True)):
             headers = {k: v.decode() for k, v in msg.headers()}
+            # The record's own headers first, in order (less any that claim to be
+            # ingestd's), then ingestd's in a fixed order.
+            assert [k for k, _ in msg.headers()] == ["trace", "trace", *dlq.HEADERS[:7]]
+            assert msg.headers()[:2] == [("trace", f"t{i + 1}".encode()), ("trace", b"again")]
+            assert headers["ingestd.source.group"] == g
             assert msg.value() == value
             assert msg.key() == f"k{i + 1}".encode()
             assert headers["ingestd.error"] == reason, headers
@@ -348,3 +355,43 @@ def test_a_worker_killed_as_stuck_prints_every_thread(topic_factory: Callable[..
         assert ingestd.wait(60) == 0
     out = ingestd.output()
     assert "Current thread" in out and 'File "' in out and "worker.py" in out, out[-3000:]
+
+
+# --- building messages: one record's failure is its own ----------------------------
+
+
+def test_a_record_that_fails_to_build_becomes_an_internal_dead_letter() -> None:
+    """At the dispatcher's seam: ``prepare`` fails for any task holding record 2."""
+    from confluent_kafka import Message
+
+    from ingestd.dispatch import Task, slice_task
+    from ingestd.worker import buildable
+
+    topic = "t-x"
+    records = [Message(topic=topic, partition=3, offset=o, key=b"k%d" % o, value=b"v%d" % o,
+                       headers=[("h", b"%d" % o)], timestamp=(1, 1000 + o)) for o in range(4)]
+    built: list[list[str]] = []
+
+    def prepare(tasks: list[Task]) -> None:
+        for t in tasks:
+            if f"{topic}-3-2" in (t.ids or [t.task_id]):
+                raise ValueError("cannot build record 2")
+        built.append([t.task_id for t in tasks])
+
+    each = [Task(f"{topic}-3-{o}", topic, [b"v%d" % o], [o]) for o in range(4)]
+    kept, letters = buildable(prepare, each, records)
+    assert [t.task_id for t in kept] == [f"{topic}-3-0", f"{topic}-3-1", f"{topic}-3-3"]
+    (letter,) = letters
+    assert (letter.offset, letter.reason, letter.detail) == (2, "internal",
+                                                             "ValueError: cannot build record 2")
+    assert (letter.key, letter.value, letter.headers, letter.timestamp) == \
+        (b"k2", b"v2", [("h", b"2")], 1002)
+
+    ids = [f"{topic}-3-{o}" for o in range(4)]
+    whole = slice_task(topic, [b"v%d" % o for o in range(4)], list(range(4)), ids)
+    assert whole.task_id == f"{topic}-3-0-3"
+    kept, letters = buildable(prepare, [whole], records)
+    (rebuilt,) = kept
+    assert rebuilt.task_id == f"{topic}-3-0-3" and rebuilt.ids == [ids[0], ids[1], ids[3]]
+    assert rebuilt.raws == [b"v0", b"v1", b"v3"] and rebuilt.objs == [0, 1, 3]
+    assert [x.offset for x in letters] == [2]

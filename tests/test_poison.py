@@ -1,0 +1,101 @@
+"""Records that anyone can produce never stop ingestion: real Kafka, real Redis.
+
+Each test produces poison among valid records and checks that every record is
+accounted for (a task or a dead letter), that the offsets are committed to the
+end, and that no worker died on the way.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ingestd import dlq
+from tests import stack
+from tests.test_worker import wait_queue
+
+BIG_TOPIC = {"max.message.bytes": str(2 * 1024 * 1024)}  # a topic that allows 2 MiB
+BIG_PRODUCER = {"message.max.bytes": 2_100_000}
+
+
+def run_until(topic: str, broker_url: str, tasks: int, letters: int, *extra: str,
+              dlq_topic: str | None = None) -> tuple[list[Any], stack.Ingestd, list[int]]:
+    """Run one worker until ``tasks`` tasks are queued and ``letters`` dead letters were
+    delivered; return the letters, the stopped ingestd and the worker pids seen."""
+    g = stack.group()
+    with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, *extra)) as ingestd:
+        wait_queue(broker_url, tasks)
+        got = stack.consume_all(dlq_topic or f"{topic}.dlq", letters)
+        pids = ingestd.worker_pids()
+        assert stack.wait_until(
+            lambda: sum(stack.committed_offsets(g, topic, 1).values()) ==
+            sum(stack.end_offsets(topic, 1).values()), 30)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
+    assert len(got) == letters
+    assert len(stack.queued_tasks(broker_url)) == tasks
+    return got, ingestd, pids
+
+
+def headers_of(msg: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in msg.headers()}
+
+
+@pytest.mark.parametrize("case", ["producer-limit", "broker-limit", "fits"])
+def test_a_dead_letter_too_large_for_kafka_is_delivered_without_its_value(
+        topic_factory: Callable[..., str], broker_url: str, case: str) -> None:
+    """A 999,000-byte non-JSON record and a 1.5 MB record on a topic that allows 2 MB.
+    ``producer-limit``: the dead-letter producer's own message.max.bytes (1,000,000)
+    refuses the 1.5 MB letter; ``broker-limit``: ``-X message.max.bytes`` lifts it for
+    both, and the dead-letter topic (1 MiB, the broker's default) refuses it;
+    ``fits``: the dead-letter topic allows 2 MiB too, and the letter is whole."""
+    topic = topic_factory(config=BIG_TOPIC)
+    dead = f"{topic}.dlq"
+    if case == "fits":
+        topic_factory(name=dead, config=BIG_TOPIC)
+    big_json = b'{"pad": "' + b"x" * 1_500_000 + b'"}'
+    values = [stack.signal_record(0), b"x" * 999_000, big_json, stack.signal_record(3)]
+    stack.produce(topic, values, partition=0, keys=[b"k0", b"k1", b"k2", b"k3"],
+                  headers=[None, [("h", b"1")], [("h", b"2")], None], props=BIG_PRODUCER)
+    extra = [] if case == "producer-limit" else ["-X", "message.max.bytes=2000000"]
+    try:
+        letters, ingestd, pids = run_until(topic, broker_url, 2, 2, *extra)
+    finally:
+        if case != "fits":
+            stack.delete_topic(dead)
+    assert len(pids) == 1 and "died" not in ingestd.output()
+    for msg, (offset, reason) in zip(letters, [(1, "decode"), (2, "too_large")], strict=True):
+        headers = headers_of(msg)
+        assert headers[dlq.ERROR] == reason and headers[dlq.OFFSET] == str(offset)
+        assert msg.key() == f"k{offset}".encode()
+        assert msg.headers()[0] == ("h", str(offset).encode())
+        original = values[offset]
+        if msg.value() == original:
+            assert dlq.VALUE_OMITTED not in headers
+        else:
+            assert msg.value() == b"" and headers[dlq.VALUE_OMITTED] == str(len(original))
+    whole = case == "fits"
+    assert (letters[1].value() == big_json) is whole, headers_of(letters[1])
+
+
+@pytest.mark.parametrize("dispatch", ["each", "batch"])
+def test_an_exception_while_validating_one_record_dead_letters_it_as_internal(
+        topic_factory: Callable[..., str], broker_url: str, dispatch: str) -> None:
+    topic = topic_factory()
+    values = [stack.signal_record(0), stack.signal_record(1, name="raise"),
+              stack.signal_record(2)]
+    stack.produce(topic, values, partition=0)
+    tasks = 2 if dispatch == "each" else 1
+    letters, ingestd, pids = run_until(topic, broker_url, tasks, 1, "--schema",
+                                       "tests.poison:Raising", "--dispatch", dispatch)
+    assert len(pids) == 1 and "died" not in ingestd.output()
+    headers = headers_of(letters[0])
+    assert headers[dlq.ERROR] == "internal" and headers[dlq.OFFSET] == "1"
+    assert headers[dlq.DETAIL] == "RuntimeError: the schema's own bug"
+    assert letters[0].value() == values[1]
+    ids = sorted(i for t in stack.queued_tasks(broker_url)
+                 for i in (t.get("ingestd_record_ids") or [t["id"]]))
+    assert ids == [f"{topic}-0-0", f"{topic}-0-2"]
