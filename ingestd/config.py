@@ -212,6 +212,14 @@ class Config:
     max_record_bytes: int = setting(
         1048576, parse=int, metavar="BYTES", check=_positive,
         help="larger records are dead-lettered as too_large")
+    max_record_items: int = setting(
+        10_000, parse=int, metavar="N", check=_positive,
+        help="records with more JSON items (containers plus their elements) are "
+             "dead-lettered as too_large: memory per record stays bounded")
+    max_batch_bytes: int = setting(
+        2 * 1024 * 1024, parse=int, metavar="BYTES", check=_positive,
+        help="a consume batch ends once its records hold this many bytes: memory per "
+             "batch stays bounded whatever the records' size")
     max_queue_depth: int = setting(
         0, parse=int, metavar="N", check=_non_negative,
         help="pause consuming while the Celery queue holds more than N (0: off); resume below 80%%")

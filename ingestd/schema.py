@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
+from ingestd.config import Config
 from ingestd.errors import ConfigError, RecordError
 
 DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE = "decode", "not_object", "schema", "too_large"
@@ -27,6 +29,8 @@ DETAIL_MAX = 1024
 # A prefork `celery worker` fails tasks nested ~500 deep (pickling recursion)
 # and dies at ~700, on every retry: such records are refused here.
 MAX_DEPTH = 256
+# A JSON string: its content may hold any bracket or comma.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 class Signal(msgspec.Struct):
@@ -60,10 +64,12 @@ def load_struct(schema: str) -> type[msgspec.Struct] | None:
 class Validator:
     """Built once per worker; :meth:`check` is called for every record."""
 
-    def __init__(self, schema: str, max_record_bytes: int) -> None:
+    def __init__(self, schema: str, max_record_bytes: int,
+                 max_record_items: int = Config.max_record_items) -> None:
         self.struct = load_struct(schema)
         self.finite_value = self.struct is Signal
         self.max_record_bytes = max_record_bytes
+        self.max_record_items = max_record_items
         self._decode = msgspec.json.Decoder().decode
 
     def check(self, raw: bytes | None) -> dict[str, Any]:
@@ -73,6 +79,15 @@ class Validator:
             raise RecordError(DECODE, detail)
         if len(raw) > self.max_record_bytes:
             raise RecordError(TOO_LARGE, f"{len(raw)} bytes > {self.max_record_bytes}")
+        # Counted before decoding: a record of a million bytes can decode to tens of
+        # megabytes of Python objects. The count of every comma and bracket bounds the
+        # items from above; only a record above the limit by that bound is counted
+        # exactly.
+        containers = raw.count(b"[") + raw.count(b"{")
+        if raw.count(b",") + 2 * containers > self.max_record_items:
+            items = count_items(raw)
+            if items > self.max_record_items:
+                raise RecordError(TOO_LARGE, f"{items} JSON items > {self.max_record_items}")
         try:
             obj = self._decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -81,7 +96,7 @@ class Validator:
             raise RecordError(DECODE, "nested too deep") from None
         if type(obj) is not dict:
             raise RecordError(NOT_OBJECT, f"top-level JSON {type(obj).__name__}, expected object")
-        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(obj):
+        if containers > MAX_DEPTH and _too_deep(obj):
             raise RecordError(DECODE, f"JSON nested deeper than {MAX_DEPTH} levels")
         if self.struct is not None:
             try:
@@ -91,6 +106,17 @@ class Validator:
             if self.finite_value and not math.isfinite(obj["value"]):
                 raise RecordError(SCHEMA, "Expected a finite number - at `$.value`")
         return obj
+
+
+def count_items(raw: bytes) -> int:
+    """The items of a JSON text: its containers plus their elements (array items and
+    object members). Counted on the bytes, at C speed, without decoding: the strings
+    and white space are taken out, then commas and brackets are counted. On text that
+    is not JSON the count means nothing (the decoder refuses such text anyway)."""
+    bare = _STRING.sub(b"0", raw).translate(None, b" \t\r\n")
+    containers = bare.count(b"[") + bare.count(b"{")
+    empty = bare.count(b"[]") + bare.count(b"{}")
+    return containers + bare.count(b",") + containers - empty
 
 
 def _too_deep(obj: Any) -> bool:

@@ -73,6 +73,12 @@ class Batch:
     revision: int = 0  # the assignment's revision when it was decoded
     records: list[Message] = field(default_factory=list)  # consumed; kept until built
 
+    def drop_objects(self) -> None:
+        """Free the decoded records once the messages are built: only the batch being
+        built holds decoded objects (up to 20 times its bytes), not the one in flight."""
+        for task in self.tasks:
+            task.objs.clear()
+
 
 class Worker:
     """Owns one consumer, one Celery dispatcher and one dead-letter producer."""
@@ -95,7 +101,8 @@ class Worker:
         self.fatal: KafkaError | None = None
         self.broker_error = ""
         self.status = ""
-        self.validator = Validator(config.schema, config.max_record_bytes)
+        self.validator = Validator(config.schema, config.max_record_bytes,
+                                   config.max_record_items)
         self.dispatcher = dispatch.create(config)
         self.task_name = config.batch_task if config.dispatch == "batch" else config.task
         dlq_topic = config.dead_letter_topic
@@ -146,6 +153,7 @@ class Worker:
                 if batch.revision != self.assignment.revision:
                     batch = self._without_revoked(batch)
                 self.watch.handed_over(len(batch.tasks))
+                batch.drop_objects()
                 self.inflight.submit(batch, self.publish)
             self.settle()
             if not self.abandoned:
@@ -168,15 +176,15 @@ class Worker:
         self.watch.check()
 
     def consume(self) -> list[Message]:
-        """The next batch: what was carried over, then what Kafka has, up to the batch size.
-        While the partitions are paused (backpressure) nothing is handed on: what was
-        carried waits with them."""
+        """The next batch: what was carried over, then what Kafka has, up to the batch size
+        (:meth:`decode` cuts it at ``--max-batch-bytes``). While the partitions are paused
+        (backpressure) nothing is handed on: what was carried waits with them."""
         n, carry = self.config.batch_size, self.carry
         if self.paused_by:
             self.carry += self.consumer.consume(n, self.config.batch_timeout_ms / 1000)
             return []
         self.carry = []
-        if len(carry) >= n:
+        if len(carry) >= n or (carry and _size(carry) >= self.config.max_batch_bytes):
             return carry
         more = self.consumer.consume(n - len(carry), self.config.batch_timeout_ms / 1000)
         return carry + more if carry else more
@@ -193,9 +201,15 @@ class Worker:
         task, add_task = dispatch.Task, batch.tasks.append
         offsets, consumed = batch.offsets, batch.consumed
         each = self.config.dispatch == "each"
+        size, max_size = 0, self.config.max_batch_bytes
         slices: dict[tuple[str, int], tuple[str, list[bytes], list[Any], list[str]]] = {}
         oldest = 0
-        for msg in messages:
+        for i, msg in enumerate(messages):
+            if size >= max_size:  # the rest is the next batch's
+                self.carry[:0] = messages[i:]
+                messages = messages[:i]
+                break
+            size += len(msg)
             err = msg.error()
             if err is not None:
                 self._on_message_error(err)
@@ -323,15 +337,20 @@ class Worker:
         a crash repeats at most one batch. The commit was sent before this batch was
         decoded and usually is confirmed by now. librdkafka puts commit results ahead of
         the fetched records, so a consume of one record serves it; what such consumes
-        return is carried into the next batch: up to a batch at once, then one record a
-        millisecond, and past two batches (a commit slower than a second, say while the
-        group coordinator moves) the partitions are paused."""
+        return is carried into the next batch: up to a batch (in records or bytes) at
+        once, then one record a millisecond, and past two batches (a commit slower than a
+        second, say while the group coordinator moves) the partitions are paused."""
         pending = self.offsets.unconfirmed
         deadline = time.monotonic() + SLOW
-        n = self.config.batch_size
-        while pending and len(self.carry) < 2 * n and time.monotonic() < deadline:
-            self.carry += self.consumer.consume(1, COMMIT_POLL)
-            if pending and len(self.carry) >= n:
+        n, max_size = self.config.batch_size, self.config.max_batch_bytes
+        size = _size(self.carry) if pending else 0
+        while (pending and len(self.carry) < 2 * n and size < 2 * max_size
+               and time.monotonic() < deadline):
+            got = self.consumer.consume(1, COMMIT_POLL)
+            if got:
+                self.carry += got
+                size += len(got[0])
+            if pending and (len(self.carry) >= n or size >= max_size):
                 time.sleep(COMMIT_POLL)
         if pending:
             self._serve(lambda: not pending, COMMIT_WAIT, "commit",
@@ -571,6 +590,11 @@ def _fails(prepare: Callable[[list[dispatch.Task]], Any], task: dispatch.Task) -
     except Exception as exc:
         return exc
     return None
+
+
+def _size(messages: list[Message]) -> int:
+    """The bytes of the records' values."""
+    return sum(map(len, messages))
 
 
 def _letter(msg: Message, reason: str, detail: str) -> DeadLetter:

@@ -99,3 +99,50 @@ def test_an_exception_while_validating_one_record_dead_letters_it_as_internal(
     ids = sorted(i for t in stack.queued_tasks(broker_url)
                  for i in (t.get("ingestd_record_ids") or [t["id"]]))
     assert ids == [f"{topic}-0-0", f"{topic}-0-2"]
+
+
+def pathological(i: int, size: int = 1_000_000) -> bytes:
+    """A valid signal of about ``size`` bytes that decodes to some 20 times as much:
+    hundreds of thousands of empty lists."""
+    head = stack.signal_record(i)[:-1] + b', "x": ['
+    return head + b",".join([b"[]"] * ((size - len(head)) // 3)) + b"]}"
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.parametrize("kind", ["over-the-item-limit", "under-the-item-limit"])
+def test_pathological_records_keep_memory_bounded(topic_factory: Callable[..., str],
+                                                  broker_url: str, kind: str,
+                                                  extra: tuple[str, ...] = ()) -> None:
+    """``over``: 100 valid 1 MB records that decode to ~20 MB each, mixed into 20,000
+    normal ones, are refused as too_large by --max-record-items. ``under``: 1,000 records
+    in a row, of 9,900 items each (15 KB that decode to 330 KB), are dispatched;
+    --max-batch-bytes keeps few of them in a batch (a batch of 1,000 would hold 330 MB).
+    Either way a worker's peak RSS stays under 250 MB."""
+    topic = topic_factory(partitions=2, config=BIG_TOPIC)
+    over = kind == "over-the-item-limit"
+    n, bad = (20_000, set(range(100, 20_000, 200))) if over else (21_000, set(range(1000, 2000)))
+    size = 1_000_000 if over else 14_900
+    values = [pathological(i, size) if i in bad else stack.signal_record(i) for i in range(n)]
+    stack.produce(topic, values, props=BIG_PRODUCER)
+    g = stack.group()
+    with stack.Ingestd(*stack.ingestd_args(topic, g, broker_url, *extra)) as ingestd:
+        wait_queue(broker_url, n - len(bad) if over else n, timeout=180)
+        letters = stack.consume_all(f"{topic}.dlq", len(bad), timeout=120) if over else []
+        (pid,) = ingestd.worker_pids()
+        peak = peak_rss_mb(pid)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
+    if over:
+        stack.delete_topic(f"{topic}.dlq")
+        assert len(letters) == len(bad)
+        assert {headers_of(m)[dlq.ERROR] for m in letters} == {"too_large"}
+    assert "died" not in ingestd.output()
+    print(f"{kind}: peak RSS of the worker {peak:.0f} MB")
+    assert peak < 250, peak

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ingestd import schema
 from ingestd.errors import ConfigError, RecordError
-from ingestd.schema import DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE, Validator
+from ingestd.schema import DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE, Validator, count_items
 
 MAX = 1 << 20
 VALID: dict[str, Any] = {"name": "cpu", "value": 0.5, "source": "host-1", "timestamp": 1714557600}
@@ -82,8 +82,13 @@ DEEP = 10_000
     pytest.param(b'{"a": "\\ud800"}', id="lone-surrogate-escape"),
     pytest.param(b"   ", id="whitespace-only"),
 ])
-def test_decode_errors(signal: Validator, raw: bytes) -> None:
-    _refused(signal, raw, DECODE)
+def test_decode_errors(raw: bytes) -> None:
+    # No item limit here: 10,000 nested arrays are over the default one (too_large).
+    _refused(Validator("signal", MAX, max_record_items=10**9), raw, DECODE)
+
+
+def test_deep_nesting_is_over_the_default_item_limit(signal: Validator) -> None:
+    assert "JSON items > 10000" in _refused(signal, b"[" * DEEP + b"]" * DEEP, TOO_LARGE).detail
 
 
 def test_empty_and_tombstone_are_decode_errors(signal: Validator) -> None:
@@ -348,3 +353,35 @@ def test_fuzz_arbitrary_json(value: Any) -> None:
 def test_fuzz_mangled_json(value: Any, cut: int, junk: bytes) -> None:
     raw = orjson.dumps(value)
     _check_never_raises_else(raw[: len(raw) - cut] + junk)
+
+
+# --- items: memory per record is bounded before decoding ------------------------
+
+
+def _items(obj: Any) -> int:
+    """Containers plus their elements, counted on the decoded object."""
+    if type(obj) is dict:
+        return 1 + len(obj) + sum(_items(v) for v in obj.values())
+    if type(obj) is list:
+        return 1 + len(obj) + sum(_items(v) for v in obj)
+    return 0
+
+
+@given(_json)
+def test_items_counted_on_the_bytes_equal_the_decoded_objects_items(obj: Any) -> None:
+    for raw in (orjson.dumps(obj), json.dumps(obj, indent=1).encode()):
+        assert count_items(raw) == _items(obj), raw
+
+
+def test_a_record_over_the_item_limit_is_too_large_before_it_is_decoded() -> None:
+    head = b'{"name": "n", "value": 1, "source": "s", "timestamp": 1, "x": ['
+    v = Validator("signal", MAX, max_record_items=1000)
+    at_limit = head + b",".join([b"[]"] * 498) + b"]}"  # 1 + 5 + 1 + 498 * 2 = 1003
+    assert count_items(at_limit) == 1003
+    err = _refused(v, at_limit, TOO_LARGE)
+    assert err.detail == "1003 JSON items > 1000"
+    under = head + b",".join([b"[]"] * 496) + b"]}"
+    assert v.check(under)["x"] == [[]] * 496
+    # Commas and brackets inside strings are no items.
+    text = b'{"name": "n", "value": 1, "source": "' + b"[a, {b}], " * 1000 + b'", "timestamp": 1}'
+    assert count_items(text) == 5 and v.check(text)["name"] == "n"
