@@ -18,13 +18,14 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ingestd import logs
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
 from ingestd.heartbeat import READY, REJOIN, REPLACE, STARTING, Heartbeat
+from ingestd.quarantine import Holding, Range, Suspects
 from ingestd.systemd import Notifier
 
 log = logs.get("supervisor")
@@ -48,6 +49,7 @@ class WorkerHandle:
     slot: int
     pid: int
     heartbeat: Heartbeat
+    holding: Holding | None = None  # the records it holds (see ingestd.quarantine)
     generation: int = 0  # HUP replaces the workers of older generations
     stopping_since: float | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
@@ -63,6 +65,7 @@ class Supervisor:
         self.next_rejoin = 0.0
         self.target = self.config.workers
         self.signals: list[int] = []
+        self.suspects = Suspects()  # what dead workers held; what is quarantined
         self.failures: dict[int, int] = {}  # slot -> failures in a row
         self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row soon after start
         self.next_spawn: dict[int, float] = {}
@@ -154,10 +157,12 @@ class Supervisor:
             pass
 
     def spawn(self, slot: int) -> None:
-        config = self.config
-        pid, heartbeat = self._fork(f"ingestd-w{slot}",
-                                    lambda beat, early: run_worker(config, slot, beat, early))
-        self.workers[slot] = WorkerHandle(slot, pid, heartbeat, generation=self.generation)
+        config, holding, quarantined = self.config, Holding(), list(self.suspects.quarantined)
+        pid, heartbeat = self._fork(
+            f"ingestd-w{slot}",
+            lambda beat, early: run_worker(config, slot, beat, early, holding, quarantined))
+        self.workers[slot] = WorkerHandle(slot, pid, heartbeat, holding,
+                                          generation=self.generation)
         log.info("worker %d started (pid %d)", slot, pid)
 
     def spawn_watcher(self) -> None:
@@ -215,6 +220,10 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             never_beat = handle.heartbeat.status() == STARTING
             handle.heartbeat.close()
+            if handle.holding is not None:
+                if code < 0 or code == ExitCode.RUNTIME:
+                    self.quarantine(handle.slot, handle.holding.held())
+                handle.holding.close()
             _mark_dead(pid)
             if handle.stopping_since is not None or self.draining_until is not None:
                 log.info("worker %d (pid %d) exited with %d", handle.slot, pid, code)
@@ -240,6 +249,13 @@ class Supervisor:
             _count_restart()
             log.warning("worker %d (pid %d) died (%s); restarting in %.1fs", handle.slot, pid,
                         _describe_exit(code), delay)
+
+    def quarantine(self, slot: int, held: list[Range]) -> None:
+        """A worker died holding these records: those that killed a worker before too are
+        dead-lettered by every worker started from now on."""
+        for poison in self.suspects.died_holding(held):
+            log.error("worker %d died twice while it held %s: workers started from now on "
+                      "send those records to the dead-letter topic as internal", slot, poison)
 
     def _watcher_exited(self, status: int) -> None:
         assert self.watcher is not None
@@ -425,15 +441,17 @@ def _child_of(parent: int, name: str) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]) -> int:
-    """The worker process's main; returns its exit code."""
+def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int],
+               holding: Holding | None = None, quarantined: Sequence[Range] = ()) -> int:
+    """The worker process's main; returns its exit code. ``holding`` is told which
+    records the worker holds, up to an exit ingestd meant."""
     logs.configure(config.log_format, config.log_level, role="worker", slot=slot)
     # The SIGABRT of a stuck worker (check_heartbeats) prints every thread's stack.
     faulthandler.enable(all_threads=True)
     from ingestd.worker import Worker  # imported after fork: librdkafka is not fork-safe
 
     try:
-        worker = Worker(config, slot, heartbeat.beat)
+        worker = Worker(config, slot, heartbeat.beat, holding, quarantined)
     except Exception as exc:
         log.error("worker %d cannot boot: %s", slot, exc,
                   exc_info=not isinstance(exc, IngestdError))
@@ -442,6 +460,8 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]
         worker.run(early)
     except IngestdError as exc:
         log.error("%s", exc)
+        if holding is not None:  # not the records' fault
+            holding.hold([])
         return int(exc.exit_code)
     except Exception:
         log.exception("worker crashed")

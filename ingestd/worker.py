@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -41,6 +41,8 @@ from ingestd.errors import DispatchError, KafkaFatalError, RecordError
 from ingestd.heartbeat import READY, REJOIN, REPLACE
 from ingestd.inflight import InFlight
 from ingestd.offsets import Offsets
+from ingestd.quarantine import DETAIL as QUARANTINED
+from ingestd.quarantine import Holding, Quarantine, Range, ranges_of
 from ingestd.schema import INTERNAL, Validator
 
 log = logs.get("worker")
@@ -84,10 +86,13 @@ class Worker:
     """Owns one consumer, one Celery dispatcher and one dead-letter producer."""
 
     def __init__(self, config: Config, slot: int = 0,
-                 beat: Callable[[str], None] | None = None) -> None:
+                 beat: Callable[[str], None] | None = None, holding: Holding | None = None,
+                 quarantined: Sequence[Range] = ()) -> None:
         self.config = config
         self.slot = slot
         self.beat = beat or (lambda status: None)
+        self.holding = holding
+        self.quarantine = Quarantine(quarantined)
         self.parent = os.getppid()
         self.stopping = False
         self.rejoin = False  # asked by the supervisor (REJOIN)
@@ -145,6 +150,8 @@ class Worker:
                 self.settle()
                 if not messages or self.abandoned:
                     continue
+                if self.holding is not None:  # before anything that could kill the process
+                    self.holding.hold(ranges_of(messages))
                 batch = self.decode(messages)
                 self.build(batch)
                 self.await_commit()
@@ -202,6 +209,7 @@ class Worker:
         offsets, consumed = batch.offsets, batch.consumed
         each = self.config.dispatch == "each"
         size, max_size = 0, self.config.max_batch_bytes
+        quarantine = self.quarantine or None
         slices: dict[tuple[str, int], tuple[str, list[bytes], list[Any], list[str]]] = {}
         oldest = 0
         for i, msg in enumerate(messages):
@@ -224,6 +232,9 @@ class Worker:
             ts = msg.timestamp()[1]
             if ts > 0 and (ts < oldest or not oldest):
                 oldest = ts
+            if quarantine is not None and quarantine.holds(topic, partition, offset):
+                batch.letters.append(_letter(msg, INTERNAL, QUARANTINED))
+                continue
             raw = msg.value()
             try:
                 obj = check(raw)

@@ -146,3 +146,35 @@ def test_pathological_records_keep_memory_bounded(topic_factory: Callable[..., s
     assert "died" not in ingestd.output()
     print(f"{kind}: peak RSS of the worker {peak:.0f} MB")
     assert peak < 250, peak
+
+
+def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
+        topic_factory: Callable[..., str], broker_url: str) -> None:
+    """A record SIGKILLs its worker (``tests.poison:Killing``), as the OOM killer would:
+    nothing ingestd can catch. The restarted worker dies on it again; then the
+    supervisor quarantines what both deaths held, the next worker dead-letters those
+    records as ``internal``, and ingestion goes on. Every record is a task or a letter."""
+    topic = topic_factory()
+    n, poison = 100, 50
+    values = [stack.signal_record(i, name="kill") if i == poison else stack.signal_record(i)
+              for i in range(n)]
+    stack.produce(topic, values, partition=0)
+    g = stack.group()
+    args = stack.ingestd_args(topic, g, broker_url, "--schema", "tests.poison:Killing")
+    with stack.Ingestd(*args) as ingestd:
+        assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 1) == {0: n}, 90), \
+            ingestd.output()[-3000:]
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
+    out = ingestd.output()
+    assert out.count("died (signal SIGKILL)") == 2, out[-3000:]
+    assert f"died twice while it held {topic} partition 0 offsets " in out
+    tasks = {t["id"] for t in stack.queued_tasks(broker_url)}
+    letters = stack.consume_all(f"{topic}.dlq", n - len(tasks), timeout=30)
+    stack.delete_topic(f"{topic}.dlq")
+    offsets = {int(headers_of(m)[dlq.OFFSET]) for m in letters}
+    assert poison in offsets and len(letters) == len(offsets)
+    assert tasks | {f"{topic}-0-{o}" for o in offsets} == {f"{topic}-0-{i}" for i in range(n)}
+    for m in letters:
+        assert headers_of(m)[dlq.ERROR] == "internal"
+        assert headers_of(m)[dlq.DETAIL].startswith("skipped: a worker died twice")

@@ -1,0 +1,127 @@
+"""Records that killed a worker twice are skipped into the dead-letter topic.
+
+Every exception on one record is contained to that record (an ``internal`` dead
+letter). What cannot be contained kills the process: the OOM killer, a crash in
+C code, a loop that never beats again. The worker then restarts on the same
+records and would die again, in a loop. So a worker writes the ranges of
+records in its hands (the batch being built and the batch in flight) to a file
+the supervisor made for it, before it decodes them. When a worker dies (a
+signal, or an exception ingestd did not expect), the supervisor reads that
+file; records that two deaths held both are quarantined. Every worker started
+after that dead-letters them as ``internal`` without decoding them.
+
+Nothing here imports confluent_kafka: the supervisor uses it too.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+DEATHS_KEPT = 16  # the last deaths whose ranges a new death is compared with
+DETAIL = "skipped: a worker died twice while it held this record (see the supervisor's log)"
+
+
+class Range(NamedTuple):
+    """The records ``first`` to ``last`` (inclusive) of one partition."""
+
+    topic: str
+    partition: int
+    first: int
+    last: int
+
+    def overlap(self, other: Range) -> Range | None:
+        if (self.topic, self.partition) != (other.topic, other.partition):
+            return None
+        first, last = max(self.first, other.first), min(self.last, other.last)
+        return Range(self.topic, self.partition, first, last) if first <= last else None
+
+    def __str__(self) -> str:
+        return f"{self.topic} partition {self.partition} offsets {self.first}-{self.last}"
+
+
+def ranges_of(messages: Sequence[Any]) -> list[Range]:
+    """The ranges a list of consumed records spans. librdkafka hands records out in runs
+    of one partition, so the loop looks at the partition only where a run may end."""
+    spans: dict[tuple[str, int], list[int]] = {}
+    span: list[int] = []
+    last: tuple[str, int] | None = None
+    for msg in messages:
+        if msg.error() is not None:
+            continue
+        key = (msg.topic(), msg.partition())
+        if key != last:
+            last = key
+            span = spans.setdefault(key, [msg.offset(), 0])
+        span[1] = msg.offset()
+    return [Range(t, p, min(first, end), max(first, end)) for (t, p), (first, end) in
+            spans.items()]
+
+
+class Holding:
+    """The ranges a worker holds, in an unlinked temp file the supervisor creates before
+    fork; the worker writes, the supervisor reads once the worker died."""
+
+    def __init__(self) -> None:
+        fd, path = tempfile.mkstemp(prefix="ingestd-holding-")
+        os.unlink(path)
+        self.fd = fd
+
+    def hold(self, ranges: Iterable[Range]) -> None:
+        data = "".join(f"{r.topic} {r.partition} {r.first} {r.last}\n" for r in ranges).encode()
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
+
+    def held(self) -> list[Range]:
+        size = os.fstat(self.fd).st_size
+        text = os.pread(self.fd, size, 0).decode(errors="replace") if size else ""
+        out = []
+        for line in text.splitlines():
+            topic, partition, first, last = line.split()
+            out.append(Range(topic, int(partition), int(first), int(last)))
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Suspects:
+    """The supervisor's record of what dead workers held, and what is quarantined."""
+
+    def __init__(self) -> None:
+        self.deaths: collections.deque[list[Range]] = collections.deque(maxlen=DEATHS_KEPT)
+        self.quarantined: list[Range] = []
+
+    def died_holding(self, held: list[Range]) -> list[Range]:
+        """Note a death; return the ranges it newly quarantines: where what it held
+        overlaps what an earlier death held."""
+        new: list[Range] = []
+        for earlier in self.deaths:
+            for a in earlier:
+                for b in held:
+                    both = a.overlap(b)
+                    if both is not None and not any(both.overlap(q) == both
+                                                    for q in self.quarantined + new):
+                        new.append(both)
+        self.deaths.append(held)
+        self.quarantined += new
+        return new
+
+
+class Quarantine:
+    """A worker's lookup: is this record quarantined?"""
+
+    def __init__(self, ranges: Iterable[Range]) -> None:
+        self.by_partition: dict[tuple[str, int], list[Range]] = {}
+        for r in ranges:
+            self.by_partition.setdefault((r.topic, r.partition), []).append(r)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_partition)
+
+    def holds(self, topic: str, partition: int, offset: int) -> bool:
+        return any(r.first <= offset <= r.last
+                   for r in self.by_partition.get((topic, partition), ()))
