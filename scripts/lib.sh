@@ -24,3 +24,25 @@ ensure_venv() {
         touch "$stamp"
     fi
 }
+
+# apt-get install, quietly; runs apt-get update once when the first try fails.
+# Debian's packages try to start their service themselves where they can; the
+# stack runs its own instances on its own folders.
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 || {
+        apt-get update -qq >/dev/null 2>&1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    } || die "apt-get install $* failed"
+    return 0
+}
+
+# tests/test_systemd_unit.py checks deploy/systemd/ingestd.service with
+# systemd-analyze, from Debian's systemd package (also where systemd is not PID 1).
+ensure_systemd_analyze() {
+    command -v systemd-analyze >/dev/null && return 0
+    [ "$(id -u)" = 0 ] || die "systemd-analyze not found; install it with: sudo apt-get install systemd"
+    command -v apt-get >/dev/null || die "systemd-analyze not found and no apt-get; install systemd-analyze (systemd 250 or newer)"
+    say "installing systemd (for systemd-analyze) with apt-get"
+    apt_install systemd
+    command -v systemd-analyze >/dev/null || die "apt-get installed systemd but systemd-analyze is still missing"
+}
