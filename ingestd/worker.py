@@ -586,12 +586,12 @@ def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatc
             partition, offset = map(int, rid[len(task.topic) + 1:].split("-"))
             letters.append(_letter(by_offset[(task.topic, partition, offset)], INTERNAL,
                                    _describe(exc)))
-        if task.ids is not None and good:
+        if task.ids is None:
+            kept += good
+        elif good:
             kept.append(dispatch.slice_task(task.topic, [t.raws[0] for t in good],
                                             [t.objs[0] for t in good],
                                             [t.task_id for t in good]))
-        elif task.ids is None:
-            kept += good
     return kept, letters
 
 
