@@ -50,6 +50,7 @@ class WorkerHandle:
     pid: int
     heartbeat: Heartbeat
     holding: Holding | None = None  # the records it holds (see ingestd.quarantine)
+    stuck: bool = False  # killed because its loop stopped beating
     generation: int = 0  # HUP replaces the workers of older generations
     stopping_since: float | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
@@ -221,7 +222,9 @@ class Supervisor:
             never_beat = handle.heartbeat.status() == STARTING
             handle.heartbeat.close()
             if handle.holding is not None:
-                if code < 0 or code == ExitCode.RUNTIME:
+                # A crash, or the kill of a stuck loop; not a stop ingestd asked for.
+                asked = handle.stopping_since is not None or self.draining_until is not None
+                if (code < 0 or code == ExitCode.RUNTIME) and (handle.stuck or not asked):
                     self.quarantine(handle.slot, handle.holding.held())
                 handle.holding.close()
             _mark_dead(pid)
@@ -315,6 +318,7 @@ class Supervisor:
                 log.error("worker %d (pid %d) stuck for %.0fs: killing it; its threads' "
                           "stacks follow", handle.slot, handle.pid, handle.heartbeat.age())
                 _kill(handle.pid, signal.SIGABRT)
+                handle.stuck = True
                 handle.stopping_since = time.monotonic() - self.config.drain_timeout + 5
                 self.next_spawn[handle.slot] = 0.0
 

@@ -148,27 +148,32 @@ def test_pathological_records_keep_memory_bounded(topic_factory: Callable[..., s
     assert peak < 250, peak
 
 
+@pytest.mark.parametrize(("poison_name", "death"), [("kill", "signal SIGKILL"),
+                                                    ("spin", "stuck for")])
 def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
-        topic_factory: Callable[..., str], broker_url: str) -> None:
-    """A record SIGKILLs its worker (``tests.poison:Killing``), as the OOM killer would:
+        topic_factory: Callable[..., str], broker_url: str, poison_name: str,
+        death: str) -> None:
+    """A record SIGKILLs its worker (``tests.poison:Killing``), as the OOM killer would,
+    or makes it spin (``tests.poison:Spinning``) until the supervisor kills it as stuck:
     nothing ingestd can catch. The restarted worker dies on it again; then the
     supervisor quarantines what both deaths held, the next worker dead-letters those
     records as ``internal``, and ingestion goes on. Every record is a task or a letter."""
     topic = topic_factory()
     n, poison = 100, 50
-    values = [stack.signal_record(i, name="kill") if i == poison else stack.signal_record(i)
+    values = [stack.signal_record(i, name=poison_name) if i == poison else stack.signal_record(i)
               for i in range(n)]
     stack.produce(topic, values, partition=0)
     g = stack.group()
-    args = stack.ingestd_args(topic, g, broker_url, "--schema", "tests.poison:Killing")
+    schema = "tests.poison:" + ("Killing" if poison_name == "kill" else "Spinning")
+    args = stack.ingestd_args(topic, g, broker_url, "--schema", schema, "--worker-timeout", "3")
     with stack.Ingestd(*args) as ingestd:
         assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 1) == {0: n}, 90), \
             ingestd.output()[-3000:]
         ingestd.signal(signal.SIGTERM)
         assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
     out = ingestd.output()
-    assert out.count("died (signal SIGKILL)") == 2, out[-3000:]
-    assert f"died twice while it held {topic} partition 0 offsets " in out
+    assert out.count(death) == 2, out[-3000:]
+    assert out.count(f"died twice while it held {topic} partition 0 offsets ") == 1, out[-3000:]
     tasks = {t["id"] for t in stack.queued_tasks(broker_url)}
     letters = stack.consume_all(f"{topic}.dlq", n - len(tasks), timeout=30)
     stack.delete_topic(f"{topic}.dlq")
