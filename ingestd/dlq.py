@@ -55,7 +55,8 @@ class DeadLetter:
         or the value, key and the record's headers (BARE)."""
         own: Headers = [
             (ERROR, self.reason.encode()),
-            (DETAIL, self.detail.encode(errors="replace")[:DETAIL_MAX]),
+            (DETAIL, self.detail.encode(errors="replace")[:DETAIL_MAX]
+             .decode(errors="ignore").encode()),  # not cut inside a character
             (TOPIC, self.topic.encode()),
             (PARTITION, str(self.partition).encode()),
             (OFFSET, str(self.offset).encode()),

@@ -99,6 +99,8 @@ class Suspects:
         """Note a death; return the ranges it newly quarantines: where what it held
         overlaps what an earlier death held."""
         new: list[Range] = []
+        if not held:  # it died between batches: nothing to suspect
+            return new
         for earlier in self.deaths:
             for a in earlier:
                 for b in held:
