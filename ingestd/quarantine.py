@@ -3,12 +3,15 @@
 Every exception on one record is contained to that record (an ``internal`` dead
 letter). What cannot be contained kills the process: the OOM killer, a crash in
 C code, a loop that never beats again. The worker then restarts on the same
-records and would die again, in a loop. So a worker writes the ranges of
-records in its hands (the batch being built and the batch in flight) to a file
-the supervisor made for it, before it decodes them. When a worker dies (a
-signal, or an exception ingestd did not expect), the supervisor reads that
-file; records that two deaths held both are quarantined. Every worker started
-after that dead-letters them as ``internal`` without decoding them.
+records and would die again, in a loop. So a worker writes the ranges of the
+records it decodes and builds into messages to a file the supervisor made for
+it, before it starts, and empties the file once the messages are built: a
+death while it waits (for the Celery broker, for Kafka) says nothing about the
+records, say an operator's ``kill -9`` during an outage. When a worker dies (a
+signal, an exception ingestd did not expect, or a kill because it stopped
+beating), the supervisor reads that file; records that two deaths held both
+are quarantined. Every worker started after that dead-letters them as
+``internal`` without decoding them.
 
 Nothing here imports confluent_kafka: the supervisor uses it too.
 """

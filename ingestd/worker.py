@@ -150,10 +150,12 @@ class Worker:
                 self.settle()
                 if not messages or self.abandoned:
                     continue
-                if self.holding is not None:  # before anything that could kill the process
+                if self.holding is not None:  # while the records could kill the process
                     self.holding.hold(ranges_of(messages))
                 batch = self.decode(messages)
                 self.build(batch)
+                if self.holding is not None:
+                    self.holding.hold([])
                 self.await_commit()
                 if self.abandoned:
                     break

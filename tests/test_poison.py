@@ -7,15 +7,19 @@ end, and that no worker died on the way.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ingestd import dlq
 from tests import stack
 from tests.test_worker import wait_queue
+
+if TYPE_CHECKING:
+    from tests.conftest import PrivateRedis
 
 BIG_TOPIC = {"max.message.bytes": str(2 * 1024 * 1024)}  # a topic that allows 2 MiB
 BIG_PRODUCER = {"message.max.bytes": 2_100_000}
@@ -183,3 +187,35 @@ def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
     for m in letters:
         assert headers_of(m)[dlq.ERROR] == "internal"
         assert headers_of(m)[dlq.DETAIL].startswith("skipped: a worker died twice")
+
+
+def test_a_worker_killed_twice_while_it_waits_for_the_broker_quarantines_nothing(
+        topic_factory: Callable[..., str],
+        private_redis_factory: Callable[..., PrivateRedis]) -> None:
+    """An operator's ``kill -9`` during a broker outage is no evidence against the records:
+    a worker holds its batch's offsets for the supervisor only while it decodes and
+    builds, not while it waits to publish."""
+    topic = topic_factory()
+    redis_server = private_redis_factory()
+    redis_server.stop()
+    n = 100
+    stack.produce(topic, [stack.signal_record(i) for i in range(n)], partition=0)
+    g = stack.group()
+    with stack.Ingestd(*stack.ingestd_args(topic, g, redis_server.url)) as ingestd:
+        def kill_while_it_retries(kills: int) -> None:
+            assert stack.wait_until(lambda: ingestd.output().count("retrying in") >= kills, 60)
+            (pid,) = ingestd.worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            assert stack.wait_until(lambda: ingestd.worker_pids() not in ([], [pid]), 30)
+
+        kill_while_it_retries(1)
+        kill_while_it_retries(2)
+        redis_server.start()
+        assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 1) == {0: n}, 90), \
+            ingestd.output()[-3000:]
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
+    assert ingestd.output().count("died (signal SIGKILL)") == 2
+    assert "died twice" not in ingestd.output()
+    assert {t["id"] for t in stack.queued_tasks(redis_server.url)} == \
+        {f"{topic}-0-{i}" for i in range(n)}
