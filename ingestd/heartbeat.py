@@ -24,13 +24,31 @@ REPLACE = signal.SIGUSR1
 REJOIN = signal.SIGUSR2
 
 
-class Heartbeat:
-    """Created by the supervisor before fork; the worker beats, the supervisor reads."""
+class ChildFile:
+    """An unlinked temp file the supervisor creates before fork: the child writes it, the
+    supervisor reads it, and no other process can open it."""
 
-    def __init__(self, directory: str | None = None) -> None:
-        fd, path = tempfile.mkstemp(prefix="ingestd-beat-", dir=directory)
+    def __init__(self, prefix: str) -> None:
+        fd, path = tempfile.mkstemp(prefix=prefix)
         os.unlink(path)
         self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
+
+    def read(self) -> bytes:
+        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Heartbeat(ChildFile):
+    """Created by the supervisor before fork; the worker beats, the supervisor reads."""
+
+    def __init__(self) -> None:
+        super().__init__("ingestd-beat-")
         self._last = 0.0
         self._status = ""
         self.beat(STARTING)
@@ -38,9 +56,7 @@ class Heartbeat:
     def beat(self, status: str) -> None:
         now = time.monotonic()
         if status != self._status:
-            data = status.encode()[:512]
-            os.pwrite(self.fd, data, 0)
-            os.ftruncate(self.fd, len(data))
+            self.write(status.encode()[:512])
             self._status = status
         elif now - self._last < BEAT_INTERVAL:
             return
@@ -52,7 +68,4 @@ class Heartbeat:
         return time.monotonic() - os.fstat(self.fd).st_mtime
 
     def status(self) -> str:
-        return os.pread(self.fd, 512, 0).decode(errors="replace")
-
-    def close(self) -> None:
-        os.close(self.fd)
+        return self.read().decode(errors="replace")
