@@ -17,9 +17,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ingestd.errors import DispatchError
-from ingestd.schema import DETAIL_MAX
 
 FLUSH_TIMEOUT = 30.0
+DETAIL_MAX = 1024
 ERROR, DETAIL = "ingestd.error", "ingestd.error.detail"
 TOPIC, PARTITION, OFFSET = "ingestd.source.topic", "ingestd.source.partition", \
     "ingestd.source.offset"

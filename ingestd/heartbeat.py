@@ -24,31 +24,13 @@ REPLACE = signal.SIGUSR1
 REJOIN = signal.SIGUSR2
 
 
-class ChildFile:
-    """An unlinked temp file the supervisor creates before fork: the child writes it, the
-    supervisor reads it, and no other process can open it."""
-
-    def __init__(self, prefix: str) -> None:
-        fd, path = tempfile.mkstemp(prefix=prefix)
-        os.unlink(path)
-        self.fd = fd
-
-    def write(self, data: bytes) -> None:
-        os.pwrite(self.fd, data, 0)
-        os.ftruncate(self.fd, len(data))
-
-    def read(self) -> bytes:
-        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class Heartbeat(ChildFile):
+class Heartbeat:
     """Created by the supervisor before fork; the worker beats, the supervisor reads."""
 
-    def __init__(self) -> None:
-        super().__init__("ingestd-beat-")
+    def __init__(self, directory: str | None = None) -> None:
+        fd, path = tempfile.mkstemp(prefix="ingestd-beat-", dir=directory)
+        os.unlink(path)
+        self.fd = fd
         self._last = 0.0
         self._status = ""
         self.beat(STARTING)
@@ -56,7 +38,9 @@ class Heartbeat(ChildFile):
     def beat(self, status: str) -> None:
         now = time.monotonic()
         if status != self._status:
-            self.write(status.encode()[:512])
+            data = status.encode()[:512]
+            os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
             self._status = status
         elif now - self._last < BEAT_INTERVAL:
             return
@@ -68,4 +52,7 @@ class Heartbeat(ChildFile):
         return time.monotonic() - os.fstat(self.fd).st_mtime
 
     def status(self) -> str:
-        return self.read().decode(errors="replace")
+        return os.pread(self.fd, 512, 0).decode(errors="replace")
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -19,10 +19,10 @@ Nothing here imports confluent_kafka: the supervisor uses it too.
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
-
-from ingestd.heartbeat import ChildFile
 
 DEATHS_KEPT = 16  # the last deaths whose ranges a new death is compared with
 DETAIL = "skipped: a worker died twice while it held this record (see the supervisor's log)"
@@ -64,23 +64,31 @@ def ranges_of(messages: Sequence[Any]) -> list[Range]:
             spans.items()]
 
 
-class Holding(ChildFile):
-    """The ranges a worker holds (see the module's docstring); the worker writes, the
-    supervisor reads once the worker died."""
+class Holding:
+    """The ranges a worker holds, in an unlinked temp file the supervisor creates before
+    fork; the worker writes, the supervisor reads once the worker died."""
 
     def __init__(self) -> None:
-        super().__init__("ingestd-holding-")
+        fd, path = tempfile.mkstemp(prefix="ingestd-holding-")
+        os.unlink(path)
+        self.fd = fd
 
     def hold(self, ranges: Iterable[Range]) -> None:
-        self.write("".join(f"{r.topic} {r.partition} {r.first} {r.last}\n"
-                           for r in ranges).encode())
+        data = "".join(f"{r.topic} {r.partition} {r.first} {r.last}\n" for r in ranges).encode()
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
 
     def held(self) -> list[Range]:
+        size = os.fstat(self.fd).st_size
+        text = os.pread(self.fd, size, 0).decode(errors="replace") if size else ""
         out = []
-        for line in self.read().decode(errors="replace").splitlines():
+        for line in text.splitlines():
             topic, partition, first, last = line.split()
             out.append(Range(topic, int(partition), int(first), int(last)))
         return out
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class Suspects:
