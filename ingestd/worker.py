@@ -192,8 +192,11 @@ class Worker:
         if self.paused_by:
             self.carry += self.consumer.consume(n, self.config.batch_timeout_ms / 1000)
             return []
+        if len(carry) >= n:  # a commit wait can carry up to two batches: hand on one
+            self.carry = carry[n:]
+            return carry[:n]
         self.carry = []
-        if len(carry) >= n or (carry and _size(carry) >= self.config.max_batch_bytes):
+        if carry and _size(carry) >= self.config.max_batch_bytes:
             return carry
         more = self.consumer.consume(n - len(carry), self.config.batch_timeout_ms / 1000)
         return carry + more if carry else more

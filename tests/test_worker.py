@@ -395,3 +395,35 @@ def test_a_record_that_fails_to_build_becomes_an_internal_dead_letter() -> None:
     assert rebuilt.task_id == f"{topic}-3-0-3" and rebuilt.ids == [ids[0], ids[1], ids[3]]
     assert rebuilt.raws == [b"v0", b"v1", b"v3"] and rebuilt.objs == [0, 1, 3]
     assert [x.offset for x in letters] == [2]
+
+
+# --- the batch bound: what a crash can repeat --------------------------------------
+
+
+def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> None:
+    """A commit wait carries up to two batches; each batch handed on still holds at most
+    ``--batch-size`` records, the bound on what a crash repeats."""
+    from confluent_kafka import Message
+
+    from ingestd.config import Config
+    from ingestd.worker import Worker
+
+    class Fetcher:
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+
+        def consume(self, n: int, timeout: float) -> list[Message]:
+            self.asked.append(n)
+            return [Message(topic="t", partition=0, offset=100 + i, value=b"v")
+                    for i in range(n)]
+
+    worker = Worker.__new__(Worker)
+    worker.config = Config(batch_size=5)
+    worker.paused_by = set()
+    worker.consumer = fetcher = Fetcher()  # type: ignore[assignment]
+    worker.carry = [Message(topic="t", partition=0, offset=o, value=b"v") for o in range(12)]
+    first, second, third = worker.consume(), worker.consume(), worker.consume()
+    assert [m.offset() for m in first] == [0, 1, 2, 3, 4]
+    assert [m.offset() for m in second] == [5, 6, 7, 8, 9]
+    assert [m.offset() for m in third] == [10, 11, 100, 101, 102]
+    assert fetcher.asked == [3] and worker.carry == []
