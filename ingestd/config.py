@@ -207,8 +207,15 @@ class Config:
         help='dead-letter topic; "" disables (invalid records are counted, logged, skipped)')
     batch_size: int = setting(1000, parse=int, metavar="N", check=_positive,
                               help="records per consume batch")
-    batch_timeout_ms: int = setting(50, parse=int, metavar="MS", check=_non_negative,
-                                    help="longest wait to fill a batch")
+    batch_timeout_ms: int = setting(
+        50, parse=int, metavar="MS", check=_non_negative,
+        help="longest a consume waits for a batch's first record (an idle loop wakes this "
+             "often)")
+    linger_ms: int = setting(
+        0, parse=int, metavar="MS", check=_non_negative,
+        help="once a batch has its first record, how long to wait for more; 0 takes what "
+             "Kafka has fetched already (natural batching: large batches under load, no "
+             "record waits for others)")
     max_record_bytes: int = setting(
         1048576, parse=int, metavar="BYTES", check=_positive,
         help="larger records are dead-lettered as too_large")

@@ -198,8 +198,24 @@ class Worker:
         self.carry = []
         if carry and _size(carry) >= self.config.max_batch_bytes:
             return carry
-        more = self.consumer.consume(n - len(carry), self.config.batch_timeout_ms / 1000)
+        more = self._fetch(n - len(carry), wait=not carry)
         return carry + more if carry else more
+
+    def _fetch(self, n: int, wait: bool) -> list[Message]:
+        """Up to ``n`` records, batched naturally: what librdkafka has fetched already,
+        at once; when it has nothing (and ``wait``), the first record that comes, within
+        ``--batch-timeout-ms``. Then ``--linger-ms`` more for the rest of the batch. So
+        a batch is large under load and small when load is light, and no record waits
+        for others to arrive."""
+        consume, config = self.consumer.consume, self.config
+        got = consume(n, 0)
+        if not got and wait:
+            got = consume(1, config.batch_timeout_ms / 1000)
+            if got and n > 1:
+                got += consume(n - 1, 0)
+        if got and config.linger_ms and len(got) < n:
+            got += consume(n - len(got), config.linger_ms / 1000)
+        return got
 
     def decode(self, messages: list[Message]) -> Batch:
         """Validate each record; a task for each valid one, a dead letter for the rest.
