@@ -183,6 +183,7 @@ class RedisEnvelopes:
     """
 
     _SLOTS = ("body", "id", "argsrepr", "tag", "ids")
+    _JSON = ("argsrepr", "ids")
 
     def __init__(self, builder: MessageBuilder) -> None:
         self.b = builder
@@ -198,10 +199,14 @@ class RedisEnvelopes:
         template = orjson.dumps({"body": marks["body"], "content-encoding": c.content_encoding,
                                  "content-type": c.content_type, "headers": headers,
                                  "properties": props})
-        pattern = re.compile(b"|".join(re.escape(orjson.dumps(m)) for m in marks.values()))
-        by_mark = {orjson.dumps(m): slot for slot, m in marks.items()}
+        # Strings' contents (body, id, tag) go between the template's own quotes;
+        # argsrepr and ids are whole JSON values.
+        needles = {slot: orjson.dumps(m) if slot in self._JSON else orjson.dumps(m)[1:-1]
+                   for slot, m in marks.items()}
+        pattern = re.compile(b"|".join(re.escape(n) for n in needles.values()))
+        by_needle = {n: slot for slot, n in needles.items()}
         fragments = pattern.split(template)
-        slots = [by_mark[m] for m in pattern.findall(template)]
+        slots = [by_needle[m] for m in pattern.findall(template)]
         # One bytes %-format: a single C call joins the fragments and the values.
         self._format = b"%b".join(f.replace(b"%", b"%%") for f in fragments)
         self._pick = operator.itemgetter(*[self._SLOTS.index(s) for s in slots])
@@ -210,10 +215,33 @@ class RedisEnvelopes:
                delivery_tag: str, ids: Sequence[str] | None = None) -> bytes:
         b = self.b
         envelope: bytes = self._format % self._pick((
-            b'"' + binascii.b2a_base64(b.body(raws, batch), newline=False) + b'"',
-            b'"' + task_id.encode() + b'"',
+            binascii.b2a_base64(b.body(raws, batch), newline=False),
+            task_id.encode(),
             orjson.dumps(b.argsrepr(raws, args, batch)),
-            b'"' + delivery_tag.encode() + b'"',
+            delivery_tag.encode(),
             orjson.dumps(ids) if ids is not None else b"[]",
         ))
         return envelope
+
+    def encode_each(self, tasks: Sequence[tuple[str, str, list[bytes], list[Any], Any]],
+                    tags: Sequence[str]) -> list[bytes]:
+        """:meth:`encode` of ``each``-mode tasks (``task_id, topic, [raw], [obj], None``), one
+        loop for the batch: the same bytes, without a Python call per piece per record.
+        This loop runs once per signal; its names are bound to locals for that."""
+        c = self.b.c
+        fmt, pick, b64, dumps = self._format, self._pick, binascii.b2a_base64, orjson.dumps
+        head, tail, maxsize = c.body_head + b"[", b"]" + c.body_tail, c.argsrepr_maxsize
+        out: list[bytes] = []
+        add = out.append
+        for (task_id, _topic, raws, args, _ids), tag in zip(tasks, tags, strict=True):
+            raw = raws[0]
+            text = None
+            if raw.count(b"{") + raw.count(b"[") <= 2:  # few_brackets: repr is safe
+                text = repr(args)
+                if len(text) >= maxsize or not text.isascii() or "\\" in text or '"' in text:
+                    text = None
+            if text is None:
+                text = argsrepr(args, maxsize)
+            add(fmt % pick((b64(head + raw + tail, newline=False), task_id.encode(),
+                            dumps(text), tag.encode(), b"[]")))
+        return out

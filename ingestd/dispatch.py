@@ -163,6 +163,8 @@ class RedisDispatcher(_Base):
     def encode(self, tasks: Sequence[Task]) -> list[bytes]:
         """The envelopes, one per task, as kombu's Redis transport would LPUSH them."""
         tags = codec.delivery_tags(len(tasks))
+        if not self.batch:
+            return self.envelopes.encode_each(tasks, tags)
         enc = self.envelopes.encode
         batch = self.batch
         return [enc(t.task_id, t.raws, _args(t, batch), batch, tag, t.ids)

@@ -70,6 +70,7 @@ class Validator:
         self.finite_value = self.struct is Signal
         self.max_record_bytes = max_record_bytes
         self.max_record_items = max_record_items
+        self.uncounted = min(max_record_items, 2 * MAX_DEPTH)  # bytes
         self._decode = msgspec.json.Decoder().decode
 
     def check(self, raw: bytes | None) -> dict[str, Any]:
@@ -80,14 +81,18 @@ class Validator:
         if len(raw) > self.max_record_bytes:
             raise RecordError(TOO_LARGE, f"{len(raw)} bytes > {self.max_record_bytes}")
         # Counted before decoding: a record of a million bytes can decode to tens of
-        # megabytes of Python objects. The count of every comma and bracket bounds the
-        # items from above; only a record above the limit by that bound is counted
-        # exactly.
-        containers = raw.count(b"[") + raw.count(b"{")
-        if raw.count(b",") + 2 * containers > self.max_record_items:
-            items = count_items(raw)
-            if items > self.max_record_items:
-                raise RecordError(TOO_LARGE, f"{items} JSON items > {self.max_record_items}")
+        # megabytes of Python objects. Every item takes at least a byte, so a record no
+        # longer than the limits holds neither too many items nor MAX_DEPTH levels (two
+        # bytes each) and is not counted. Otherwise the count of every comma and bracket
+        # bounds the items from above; only a record above the limit by that bound is
+        # counted exactly.
+        containers = 0
+        if len(raw) > self.uncounted:
+            containers = raw.count(b"[") + raw.count(b"{")
+            if raw.count(b",") + 2 * containers > self.max_record_items:
+                items = count_items(raw)
+                if items > self.max_record_items:
+                    raise RecordError(TOO_LARGE, f"{items} JSON items > {self.max_record_items}")
         try:
             obj = self._decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:

@@ -221,7 +221,11 @@ class Worker:
         """Validate each record; a task for each valid one, a dead letter for the rest.
         Records of partitions taken away since they were consumed are left out: their new
         owner consumes them again from the committed offset, and a clean rebalance
-        repeats nothing."""
+        repeats nothing.
+
+        A batch holds runs of records of one partition, in offset order: what is the
+        same for a whole run (ownership, the count, the oldest timestamp) is looked at
+        once per run, not once per record."""
         batch = Batch(revision=self.assignment.revision)
         owned = self.assignment.owned
         # Bound to locals: this loop runs once per record.
@@ -233,6 +237,8 @@ class Worker:
         quarantine = self.quarantine or None
         slices: dict[tuple[str, int], tuple[str, list[bytes], list[Any], list[str]]] = {}
         oldest = 0
+        run: tuple[str, int] | None = None  # the partition of the current run
+        mine = False
         for i, msg in enumerate(messages):
             if size >= max_size:  # the rest is the next batch's
                 self.carry[:0] = messages[i:]
@@ -242,17 +248,23 @@ class Worker:
             err = msg.error()
             if err is not None:
                 self._on_message_error(err)
+                run = None
                 continue
             # Set on every message without an error.
-            topic, partition, offset = cast(tuple[str, int, int],
-                                            (msg.topic(), msg.partition(), msg.offset()))
-            if (topic, partition) not in owned:
+            topic: str = msg.topic()  # type: ignore[assignment]
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            if run is None or partition != run[1] or topic != run[0]:
+                run = (topic, partition)
+                mine = run in owned
+                if mine:  # a run's first record is its oldest
+                    ts = msg.timestamp()[1]
+                    if ts > 0 and (ts < oldest or not oldest):
+                        oldest = ts
+            if not mine:
                 continue
-            offsets[(topic, partition)] = offset + 1
+            offsets[run] = offset + 1
             consumed[topic] = consumed.get(topic, 0) + 1
-            ts = msg.timestamp()[1]
-            if ts > 0 and (ts < oldest or not oldest):
-                oldest = ts
             if quarantine is not None and quarantine.holds(topic, partition, offset):
                 batch.letters.append(_letter(msg, INTERNAL, QUARANTINED))
                 continue
@@ -269,7 +281,7 @@ class Worker:
             if each:
                 add_task(task(f"{topic}-{partition}-{offset}", topic, [raw], [obj]))
             else:
-                _, raws, objs, ids = slices.setdefault((topic, partition), (topic, [], [], []))
+                _, raws, objs, ids = slices.setdefault(run, (topic, [], [], []))
                 raws.append(raw)
                 objs.append(obj)
                 ids.append(f"{topic}-{partition}-{offset}")

@@ -371,6 +371,23 @@ def _items(obj: Any) -> int:
 def test_items_counted_on_the_bytes_equal_the_decoded_objects_items(obj: Any) -> None:
     for raw in (orjson.dumps(obj), json.dumps(obj, indent=1).encode()):
         assert count_items(raw) == _items(obj), raw
+        # Why a short record is not counted at all: an item takes at least a byte, and
+        # a level of nesting two.
+        assert count_items(raw) <= len(raw) and _depth(obj) * 2 <= len(raw)
+
+
+def _depth(obj: Any) -> int:
+    if type(obj) is dict:
+        return 1 + max(map(_depth, obj.values()), default=0)
+    if type(obj) is list:
+        return 1 + max(map(_depth, obj), default=0)
+    return 0
+
+
+def test_a_short_record_is_refused_by_a_low_item_limit_all_the_same() -> None:
+    v = Validator("signal", MAX, max_record_items=5)
+    raw = b'{"name": "n", "value": 1, "source": "s", "timestamp": 1, "x": [1]}'
+    assert _refused(v, raw, TOO_LARGE).detail == "8 JSON items > 5"
 
 
 def test_a_record_over_the_item_limit_is_too_large_before_it_is_decoded() -> None:
