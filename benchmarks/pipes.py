@@ -1,0 +1,130 @@
+"""The pipelines ingestd is measured against, and a paced producer: each runs as a
+process of its own, so that its CPU is read from ``/proc`` as ingestd's is.
+
+    python -m benchmarks.pipes raw TOPIC BROKER_URL [--records N]
+    python -m benchmarks.pipes old TOPIC BROKER_URL [--records N]
+    python -m benchmarks.pipes produce TOPIC --rate R --seconds S
+
+- ``raw``: the raw pipe. ingestd's own consumer settings, natural batching (what
+  librdkafka has fetched, else block for the first record), and one multi-value
+  LPUSH of the records' bytes per batch: no decoding, no Celery format.
+- ``old``: the old script's loop: one ``send_task`` per message after ``json.loads``.
+- ``produce``: signals at a fixed rate, ``linger.ms=0``; each carries its send time
+  (``sent``, epoch seconds) for the latency benchmark.
+
+``raw`` and ``old`` consume from a group of their own and stop after ``--records``
+(0: run until killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+
+import orjson
+import redis
+from confluent_kafka import Consumer, Producer
+
+from ingestd import kafka
+from ingestd.config import Config
+
+BATCH = 1000
+WAIT_FIRST = 0.05  # as ingestd's --batch-timeout-ms
+
+
+def consumer(topic: str, bootstrap: str) -> Consumer:
+    """The consumer ingestd itself would build, in a group of its own."""
+    config = Config(topic=(topic,), bootstrap_servers=bootstrap,
+                    group_id=f"bench-{uuid.uuid4().hex[:8]}")
+    c = Consumer(kafka.consumer_config(config, 0))
+    c.subscribe([topic])
+    return c
+
+
+def natural_batch(c: Consumer) -> list[bytes]:
+    got = c.consume(BATCH, 0)
+    if not got:
+        got = c.consume(1, WAIT_FIRST)
+        if got:
+            got += c.consume(BATCH - 1, 0)
+    return [m.value() or b"" for m in got if m.error() is None]
+
+
+def raw(topic: str, url: str, records: int, bootstrap: str) -> None:
+    c, client = consumer(topic, bootstrap), redis.Redis.from_url(url)
+    done = 0
+    while not records or done < records:
+        values = natural_batch(c)
+        if values:
+            client.lpush("celery", *values)
+            done += len(values)
+    c.close()
+
+
+def old(topic: str, url: str, records: int, bootstrap: str) -> None:
+    from celery import Celery
+
+    app = Celery("old_script", broker=url)
+    c = consumer(topic, bootstrap)
+    done = 0
+    while not records or done < records:
+        msg = c.poll(1.0)
+        if msg is None or msg.error() is not None:
+            continue
+        app.send_task("ingest_and_score_signal", args=[json.loads(msg.value() or b"")])
+        done += 1
+    c.close()
+
+
+def signal(i: int, sent: float | None = None) -> bytes:
+    """A signal of about 200 bytes with tags, as a Python producer writes it."""
+    record = {"name": "cpu.load", "value": round(i * 0.37 % 1000, 3),
+              "source": f"host-{i % 400}.eu1.example.net",
+              "timestamp": round(1732800000.5 + i * 0.0137, 3), "id": f"{i:08x}-sig",
+              "tags": {"dc": "eu1", "rack": f"r{i % 40}", "env": "prod",
+                       "service": f"svc-{i % 30}"}}
+    if sent is not None:
+        record["sent"] = sent
+    return json.dumps(record).encode()
+
+
+def sent_of(value: bytes) -> float:
+    return float(orjson.loads(value)["sent"])
+
+
+def produce(topic: str, rate: int, seconds: float, bootstrap: str) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "acks": 1})
+    start, i, n = time.time(), 0, int(rate * seconds)
+    while i < n:
+        due = start + i / rate
+        now = time.time()
+        if now < due:
+            time.sleep(min(due - now, 0.001))
+            continue
+        while i < n and start + i / rate <= now:
+            p.produce(topic, signal(i, time.time()))
+            i += 1
+        p.poll(0)
+    p.flush(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks.pipes")
+    parser.add_argument("pipe", choices=("raw", "old", "produce"))
+    parser.add_argument("topic")
+    parser.add_argument("broker_url", nargs="?", default="")
+    parser.add_argument("--records", type=int, default=0)
+    parser.add_argument("--rate", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    a = parser.parse_args()
+    if a.pipe == "produce":
+        produce(a.topic, a.rate, a.seconds, a.bootstrap_servers)
+    else:
+        {"raw": raw, "old": old}[a.pipe](a.topic, a.broker_url, a.records, a.bootstrap_servers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Latency at a fixed produce rate: a signal's send time to its arrival in the Celery
+queue, for ingestd and for the raw pipe with natural batching, in the same run.
+
+A producer process (:mod:`benchmarks.pipes`, ``linger.ms=0``) sends ``RATE``
+signals/s for ``SECONDS`` into an empty 4-partition topic, each carrying its send
+time. A reader pops the Redis queue as it fills and notes when each signal came.
+Each pipeline starts first and is warmed up: a signal has gone through it before
+the measured ones are sent. Reported: p50, p90, p99 and max, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+import orjson
+import pytest
+import redis
+
+from benchmarks import measure, pipes
+from benchmarks.test_end_to_end import pipe_process
+from tests import stack
+
+RATE = int(os.environ.get("INGESTD_BENCH_RATE", "10000"))
+SECONDS = float(os.environ.get("INGESTD_BENCH_SECONDS", "10"))
+PARTITIONS = 4
+
+pytestmark = [pytest.mark.stack, pytest.mark.benchmark(group="latency")]
+
+
+def _sent_in_task(envelope: bytes) -> float:
+    """The send time of the signal in a Celery message as kombu's Redis transport
+    stores it."""
+    args = orjson.loads(base64.b64decode(orjson.loads(envelope)["body"]))[0]
+    return float(args[0]["sent"])
+
+
+def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], None]],
+                    sent: Callable[[bytes], float]) -> None:
+    """``start(topic, broker_url)`` starts a pipeline and returns how to stop it."""
+    topic = stack.create_topic(PARTITIONS, prefix="latency")
+    db = stack.fresh_redis_db()
+    url = stack.redis_url(db)
+    client = redis.Redis.from_url(url)
+    stop = start(topic, url)
+    latencies: list[float] = []
+    expected = int(RATE * SECONDS)
+    try:
+        for p in range(PARTITIONS):  # through every partition's owner
+            stack.produce(topic, [pipes.signal(-1, time.time())], partition=p)
+        assert stack.wait_until(lambda: client.llen("celery") >= PARTITIONS, 60), \
+            "pipeline not started"
+        client.delete("celery")
+
+        def run() -> None:
+            producer = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.pipes", "produce", topic, "--rate", str(RATE),
+                 "--seconds", str(SECONDS), "--bootstrap-servers", stack.BOOTSTRAP],
+                cwd=stack.REPO)
+            deadline = time.monotonic() + SECONDS + 60
+            while len(latencies) < expected and time.monotonic() < deadline:
+                got = cast("list[bytes]", client.rpop("celery", 1000) or [])
+                now = time.time()
+                if not got:
+                    time.sleep(0.0005)
+                    continue
+                latencies.extend(now - sent(v) for v in got)
+            assert producer.wait(30) == 0
+
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    finally:
+        stop()
+        client.flushdb()
+        stack.release_redis_db(db)
+        stack.delete_topic(topic)
+    assert len(latencies) == expected
+    p50, p90, p99 = measure.percentiles(latencies, 50, 90, 99)
+    benchmark.extra_info.update(rate=RATE, seconds=SECONDS, records=expected,
+                                p50_ms=round(p50 * 1000, 2), p90_ms=round(p90 * 1000, 2),
+                                p99_ms=round(p99 * 1000, 2),
+                                max_ms=round(max(latencies) * 1000, 2))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_latency_ingestd(benchmark: Any, workers: int) -> None:
+    def start(topic: str, url: str) -> Callable[[], None]:
+        group, port = f"latency-{uuid.uuid4().hex[:8]}", stack.free_port()
+        ingestd = stack.Ingestd(*stack.ingestd_args(topic, group, url), "--workers",
+                                str(workers), "--metrics-addr", f"127.0.0.1:{port}",
+                                env={"INGESTD_LOG_LEVEL": "WARNING"}).start()
+        # Every worker assigned and every partition owned: no rebalance while measured.
+        assert stack.wait_until(
+            lambda: stack.http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 60)
+
+        def stop() -> None:
+            ingestd.signal(signal.SIGTERM)
+            try:
+                ingestd.wait(60)
+            finally:
+                ingestd.stop()
+        return stop
+
+    measure_latency(benchmark, start, _sent_in_task)
+    benchmark.extra_info["workers"] = workers
+
+
+def test_latency_raw_pipe(benchmark: Any) -> None:
+    def start(topic: str, url: str) -> Callable[[], None]:
+        proc = pipe_process("raw", topic, url)
+
+        def stop() -> None:
+            proc.kill()
+            proc.wait()
+        return stop
+
+    measure_latency(benchmark, start, pipes.sent_of)
