@@ -35,7 +35,8 @@ LATENCY = [
 STEPS = [
     ("test_decode_validate[a-ingestd-Validator.check]", "decode + validate"),
     ("test_build_ingestd", "build the Celery message"),
-    ("test_publish_lpush_multi", "publish (share of one multi-value LPUSH)"),
+    ("test_publish_lpush_multi", "publish: one multi-value LPUSH, wall time per record, "
+                                 "Redis's own work included"),
 ]
 
 
@@ -62,15 +63,15 @@ def throughput_table(data: dict[str, Any]) -> str:
     base = (_find(found, THROUGHPUT[0][0]) or {}).get("steady_signals_per_s")
     raw = (_find(found, THROUGHPUT[1][0]) or {}).get("steady_signals_per_s")
     lines = ["| pipeline | records | signals/s (whole run) | signals/s (steady) | vs old script "
-             "| share of raw pipe | CPU µs per signal | peak RSS |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| share of raw pipe | CPU µs per signal | peak RSS | mean batch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, info in throughput_rows(data):
         steady = info["steady_signals_per_s"]
         times = f"{steady / base:.0f}x" if base else ""
         share = f"{steady / raw:.2f}" if raw else ""
         lines.append(f"| {label} | {info['records']:,} | {info['signals_per_s']:,} | "
                      f"{steady:,} | {times} | {share} | {info['cpu_us_per_signal']:.1f} | "
-                     f"{info['peak_rss_mb']:.0f} MB |")
+                     f"{info['peak_rss_mb']:.0f} MB | {info.get('mean_batch', '')} |")
     return "\n".join(lines)
 
 
@@ -130,9 +131,9 @@ def scaling(data: dict[str, Any]) -> list[str]:
     if two is not None:
         lines.append(
             f"- **Measured here**: 1 worker {one['steady_signals_per_s']:,}/s, 2 workers "
-            f"{two['steady_signals_per_s']:,}/s. This machine has 2 cores, and the Kafka "
-            "broker, Redis and the benchmark's own reader run on them too, so a second worker "
-            "competes with them rather than adding a core.")
+            f"{two['steady_signals_per_s']:,}/s. This machine has 2 cores, shared with the "
+            "Kafka broker, Redis and the benchmark itself, so a second worker adds less than "
+            "a core here, and the figure moves from run to run.")
     if raw is not None:
         lines.append(
             f"- **The Celery broker.** Redis is single-threaded. The raw pipe, which only "
@@ -216,7 +217,7 @@ def markdown(data: dict[str, Any], source: Path, has_chart: bool) -> str:
     parts += [
         "## Latency at a fixed rate",
         "",
-        "A producer on the same machine (`linger.ms=0`) sends signals at a fixed rate, each "
+        "A producer on the same machine (`linger.ms=1`) sends signals at a fixed rate, each "
         "carrying its send time; a reader pops the Celery queue as it fills. From send to "
         "arrival in the queue:",
         "",

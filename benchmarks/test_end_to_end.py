@@ -41,6 +41,7 @@ BASELINE_RECORDS = min(RECORDS, int(os.environ.get("INGESTD_BENCH_BASELINE_RECOR
 PARTITIONS = 4
 TIMEOUT = 600.0
 POLL = 0.02
+MIN_CPU = 0.2  # seconds: /proc counts CPU in 10 ms ticks
 
 pytestmark = [pytest.mark.stack, pytest.mark.benchmark(group="end-to-end")]
 
@@ -96,7 +97,8 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
     steady_n = records - marks["first_n"]
     steady_s = marks["end"] - marks["first"]
     steady = round(steady_n / steady_s) if steady_n and steady_s > 0 else 0
-    if not steady_n:  # drained before the first look (a tiny corpus): the whole run
+    if not steady_n or marks["end_cpu"] - marks["first_cpu"] < MIN_CPU:
+        # A tiny corpus, drained within a few clock ticks: the whole run, start included
         steady_n, marks["first_cpu"] = records, 0.0
     cpu_us = (marks["end_cpu"] - marks["first_cpu"]) / steady_n * 1e6
     benchmark.extra_info.update(
@@ -109,9 +111,9 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
 def test_ingestd(benchmark: Any, lagging_topic: str, dispatch: str, workers: int,
                  queue_db: tuple[str, redis.Redis]) -> None:
     url, client = queue_db
-    group = f"bench-{uuid.uuid4().hex[:8]}"
+    group, port = f"bench-{uuid.uuid4().hex[:8]}", stack.free_port()
     args = [*stack.ingestd_args(lagging_topic, group, url, "--dispatch", dispatch),
-            "--workers", str(workers)]
+            "--workers", str(workers), "--metrics-addr", f"127.0.0.1:{port}"]
     ingestd = stack.Ingestd(*args, env={"INGESTD_LOG_LEVEL": "WARNING"})
     offsets = Consumer({"bootstrap.servers": stack.BOOTSTRAP, "group.id": group})
     partitions = [TopicPartition(lagging_topic, p) for p in range(PARTITIONS)]
@@ -128,6 +130,7 @@ def test_ingestd(benchmark: Any, lagging_topic: str, dispatch: str, workers: int
         assert ingestd.proc is not None
         root = ingestd.proc.pid
         drain(benchmark, lambda: root, done, RECORDS)
+        metrics = stack.http_get(f"http://127.0.0.1:{port}/metrics")[1].decode()
         ingestd.signal(signal.SIGTERM)
         assert ingestd.wait(60) == 0
     finally:
@@ -135,8 +138,16 @@ def test_ingestd(benchmark: Any, lagging_topic: str, dispatch: str, workers: int
         offsets.close()
     assert sum(len(t["args"][0]) if dispatch == "batch" else 1
                for t in stack.queued_tasks(url)) == RECORDS
+    batches = _sample(metrics, "ingestd_batch_size_count")
     benchmark.extra_info.update(tasks=int(client.llen("celery")), workers=workers,
-                                dispatch=dispatch)
+                                dispatch=dispatch, batches=int(batches),
+                                mean_batch=round(_sample(metrics, "ingestd_batch_size_sum")
+                                                 / max(batches, 1)))
+
+
+def _sample(metrics: str, name: str) -> float:
+    line = next(x for x in metrics.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
 
 
 @pytest.mark.parametrize(("pipe", "records"), [("old", BASELINE_RECORDS), ("raw", RECORDS)])

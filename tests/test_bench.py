@@ -35,7 +35,7 @@ def test_the_harness_counts_every_signal_and_writes_a_results_file(tmp_path: Pat
                          "test_latency_raw_pipe"}
     for name, extra in info.items():
         if name.startswith("test_latency"):
-            assert extra["records"] == 1000
+            assert abs(extra["records"] - 1000) <= 25  # 2 s at 500/s, after the warm-up
             assert 0 < extra["p50_ms"] <= extra["p90_ms"] <= extra["p99_ms"] <= extra["max_ms"]
         else:
             assert extra["records"] == (300 if "old" in name else 2000)
