@@ -230,18 +230,12 @@ class RedisEnvelopes:
         This loop runs once per signal; its names are bound to locals for that."""
         c = self.b.c
         fmt, pick, b64, dumps = self._format, self._pick, binascii.b2a_base64, orjson.dumps
+        few = few_brackets
         head, tail, maxsize = c.body_head + b"[", b"]" + c.body_tail, c.argsrepr_maxsize
         out: list[bytes] = []
         add = out.append
         for (task_id, _topic, raws, args, _ids), tag in zip(tasks, tags, strict=True):
             raw = raws[0]
-            text = None
-            if raw.count(b"{") + raw.count(b"[") <= 2:  # few_brackets: repr is safe
-                text = repr(args)
-                if len(text) >= maxsize or not text.isascii() or "\\" in text or '"' in text:
-                    text = None
-            if text is None:
-                text = argsrepr(args, maxsize)
             add(fmt % pick((b64(head + raw + tail, newline=False), task_id.encode(),
-                            dumps(text), tag.encode(), b"[]")))
+                            dumps(argsrepr(args, maxsize, few(raw))), tag.encode(), b"[]")))
         return out

@@ -224,7 +224,7 @@ class Worker:
         repeats nothing.
 
         A batch holds runs of records of one partition, in offset order: what is the
-        same for a whole run (ownership, the count, the oldest timestamp) is looked at
+        same for a whole run (ownership, the oldest timestamp) is looked at
         once per run, not once per record."""
         batch = Batch(revision=self.assignment.revision)
         owned = self.assignment.owned
