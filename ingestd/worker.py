@@ -19,6 +19,7 @@ going and keeps serving Kafka with the partitions paused, and the status that
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import random
@@ -59,6 +60,13 @@ SLICE = 0.02  # a long wait serves Kafka and checks what it waits for this often
 COMMIT_POLL = 0.001
 COMMIT_WAIT = 15.0  # longest wait for a commit's confirmation before publishing on
 REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accepted
+# A batch holds some 30,000 young objects (decoded records, tasks, messages) that live
+# until it is built. At Python's default gen-0 threshold (700) the cycle collector
+# walks them some 40 times a batch, and the long-lived objects of the libraries at
+# every older pass: about a tenth of a worker's CPU (9.4 -> 8.6 us a signal on a
+# backlog here). The records are acyclic and freed by reference counting; the
+# collector need only run now and then.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 @dataclass
@@ -142,6 +150,8 @@ class Worker:
         if stops_before:
             self._on_stop(stops_before[0], None)
         sys.setswitchinterval(SWITCH_INTERVAL)
+        gc.freeze()  # what start-up built lives as long as the process: never walked again
+        gc.set_threshold(*GC_THRESHOLDS)
         self.assignment.start()
         try:
             while not self.stopping:
