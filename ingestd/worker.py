@@ -216,10 +216,12 @@ class Worker:
         at once; when it has nothing (and ``wait``), the first record that comes, within
         ``--batch-timeout-ms``. Then ``--linger-ms`` more for the rest of the batch. So
         a batch is large under load and small when load is light, and no record waits
-        for others to arrive."""
+        for others to arrive. With nothing fetched and a batch in flight it does not
+        wait: the loop settles that batch first, so that its commit is confirmed by the
+        time the next record comes, and that record waits for no commit."""
         consume, config = self.consumer.consume, self.config
         got = consume(n, 0)
-        if not got and wait:
+        if not got and wait and not self.inflight.busy:
             got = consume(1, config.batch_timeout_ms / 1000)
             if got and n > 1:
                 got += consume(n - 1, 0)
