@@ -236,8 +236,8 @@ class Worker:
         repeats nothing.
 
         A batch holds runs of records of one partition, in offset order: what is the
-        same for a whole run (ownership, the oldest timestamp) is looked at
-        once per run, not once per record."""
+        same for a whole run (ownership; the timestamp, for the latency metric) is
+        looked at once per run, not once per record."""
         batch = Batch(revision=self.assignment.revision)
         owned = self.assignment.owned
         # Bound to locals: this loop runs once per record.
@@ -269,7 +269,7 @@ class Worker:
             if run is None or partition != run[1] or topic != run[0]:
                 run = (topic, partition)
                 mine = run in owned
-                if mine:  # a run's first record is its oldest
+                if mine:  # a run's first record stands for its run's timestamps
                     ts = msg.timestamp()[1]
                     if ts > 0 and (ts < oldest or not oldest):
                         oldest = ts
@@ -393,7 +393,7 @@ class Worker:
         a crash repeats at most one batch. The commit was sent before this batch was
         decoded and usually is confirmed by now. librdkafka puts commit results ahead of
         the fetched records, so a consume of one record serves it; what such consumes
-        return is carried into the next batch: up to a batch (in records or bytes) at
+        return is carried into the next batches: up to a batch (in records or bytes) at
         once, then one record a millisecond, and past two batches (a commit slower than a
         second, say while the group coordinator moves) the partitions are paused."""
         pending = self.offsets.unconfirmed
@@ -455,10 +455,17 @@ class Worker:
             self.beat(self.status)
         if self.inflight.wait(0):
             self._collect()
-        self.offsets.forget(partitions)
+        self.lost(partitions)
 
     def lost(self, partitions: list[TopicPartition]) -> None:
+        """Forget what the worker holds of partitions it no longer owns: their commits,
+        and their carried records. Were the partitions given back, those records would
+        otherwise go out ahead of the ones before them, which the new assignment fetches
+        again from the committed offset, and the stored offset would pass them."""
         self.offsets.forget(partitions)
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        if gone and self.carry:
+            self.carry = [m for m in self.carry if (m.topic(), m.partition()) not in gone]
 
     # --- state ------------------------------------------------------------
 

@@ -427,3 +427,26 @@ def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> 
     assert [m.offset() for m in second] == [5, 6, 7, 8, 9]
     assert [m.offset() for m in third] == [10, 11, 100, 101, 102]
     assert fetcher.asked == [3] and worker.carry == []
+
+
+def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
+    """Were the partition given back, they would go out ahead of the records before them
+    (fetched again from the committed offset) and their stored offset would pass those."""
+    from confluent_kafka import Message, TopicPartition
+
+    from ingestd.inflight import InFlight
+    from ingestd.offsets import Offsets
+    from ingestd.worker import Worker
+
+    worker = Worker.__new__(Worker)
+    worker.inflight = InFlight()
+    worker.offsets = Offsets(lambda: {("t", 0), ("t", 1)}, lambda err: None)
+    worker.offsets.unconfirmed = {("t", 0): 5, ("t", 1): 7}
+    worker.carry = [Message(topic="t", partition=p, offset=o, value=b"v")
+                    for o in range(3) for p in (0, 1)]
+    worker.revoking([TopicPartition("t", 0)])
+    assert [(m.partition(), m.offset()) for m in worker.carry] == [(1, 0), (1, 1), (1, 2)]
+    assert worker.offsets.unconfirmed == {("t", 1): 7}
+    worker.lost([TopicPartition("t", 1)])
+    assert worker.carry == [] and worker.offsets.unconfirmed == {}
+    worker.inflight.close()
