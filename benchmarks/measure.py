@@ -3,6 +3,7 @@ tree (ingestd's supervisor and its children, or one alternative pipeline)."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -61,5 +62,5 @@ def peak_rss_mb(pid: int) -> float:
 def percentiles(values: list[float], *qs: float) -> list[float]:
     """Nearest-rank percentiles of ``values`` (not empty)."""
     ordered = sorted(values)
-    return [ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+    return [ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
             for q in qs]

@@ -247,7 +247,8 @@ def markdown(data: dict[str, Any], source: Path, has_chart: bool) -> str:
 
 
 def results_files() -> list[Path]:
-    return sorted(RESULTS.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))
+    """Oldest first, by when each run started (file times mean nothing after a clone)."""
+    return sorted(RESULTS.glob("*.json"), key=lambda p: json.loads(p.read_text())["datetime"])
 
 
 def compare(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -211,23 +211,26 @@ class RedisEnvelopes:
         self._format = b"%b".join(f.replace(b"%", b"%%") for f in fragments)
         self._pick = operator.itemgetter(*[self._SLOTS.index(s) for s in slots])
 
-    def encode(self, task_id: str, raws: Sequence[bytes], args: list[Any], batch: bool,
-               delivery_tag: str, ids: Sequence[str] | None = None) -> bytes:
+    def encode_batch(self, task_id: str, raws: Sequence[bytes], args: list[Any],
+                     delivery_tag: str, ids: Sequence[str]) -> bytes:
+        """The envelope of a ``batch``-mode task: ``args`` is ``[[signal, ...]]``, ``ids``
+        the records' own ids."""
         b = self.b
         envelope: bytes = self._format % self._pick((
-            binascii.b2a_base64(b.body(raws, batch), newline=False),
+            binascii.b2a_base64(b.body(raws, True), newline=False),
             task_id.encode(),
-            orjson.dumps(b.argsrepr(raws, args, batch)),
+            orjson.dumps(b.argsrepr(raws, args, True)),
             delivery_tag.encode(),
-            orjson.dumps(ids) if ids is not None else b"[]",
+            orjson.dumps(ids),
         ))
         return envelope
 
     def encode_each(self, tasks: Sequence[tuple[str, str, list[bytes], list[Any], Any]],
                     tags: Sequence[str]) -> list[bytes]:
-        """:meth:`encode` of ``each``-mode tasks (``task_id, topic, [raw], [obj], None``), one
-        loop for the batch: the same bytes, without a Python call per piece per record.
-        This loop runs once per signal; its names are bound to locals for that."""
+        """The envelopes of ``each``-mode tasks (``task_id, topic, [raw], [obj], None``), in
+        one loop: it runs once per signal, so its names are bound to locals and the body
+        and argsrepr are built inline (:meth:`MessageBuilder.body` and ``argsrepr`` with
+        ``batch=False``)."""
         c = self.b.c
         fmt, pick, b64, dumps = self._format, self._pick, binascii.b2a_base64, orjson.dumps
         few = few_brackets

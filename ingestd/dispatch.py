@@ -165,9 +165,8 @@ class RedisDispatcher(_Base):
         tags = codec.delivery_tags(len(tasks))
         if not self.batch:
             return self.envelopes.encode_each(tasks, tags)
-        enc = self.envelopes.encode
-        batch = self.batch
-        return [enc(t.task_id, t.raws, _args(t, batch), batch, tag, t.ids)
+        enc = self.envelopes.encode_batch
+        return [enc(t.task_id, t.raws, _args(t, True), tag, t.ids or [])
                 for t, tag in zip(tasks, tags, strict=True)]
 
     def prepare(self, tasks: Sequence[Task]) -> bytes:

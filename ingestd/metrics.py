@@ -29,7 +29,8 @@ consumer_lag = Gauge("ingestd_consumer_lag", "Records behind the partition's hig
                      ["topic", "partition"], multiprocess_mode="livemax")
 end_to_end_latency = Histogram(
     "ingestd_end_to_end_latency_seconds",
-    "Kafka record timestamp to publish, for the oldest record of each batch",
+    "Kafka record timestamp to publish, for the oldest first record of a partition in each "
+    "batch",
     # Milliseconds resolved: natural batching publishes within a few of them.
     buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25,
              0.5, 1, 2.5, 5, 10, 30, 60, 300))

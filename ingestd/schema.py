@@ -81,10 +81,10 @@ class Validator:
         if len(raw) > self.max_record_bytes:
             raise RecordError(TOO_LARGE, f"{len(raw)} bytes > {self.max_record_bytes}")
         # Counted before decoding: a record of a million bytes can decode to tens of
-        # megabytes of Python objects. Every item takes at least a byte, so a record no
-        # longer than the limits holds neither too many items nor MAX_DEPTH levels (two
-        # bytes each) and is not counted. Otherwise the count of every comma and bracket
-        # bounds the items from above; only a record above the limit by that bound is
+        # megabytes of Python objects. Every item takes at least a byte and every level
+        # two, so a record no longer than the limits holds neither too many items nor more
+        # than MAX_DEPTH levels, and is not counted. Otherwise the count of every comma and
+        # bracket bounds the items from above; only a record above the limit by that bound is
         # counted exactly.
         containers = 0
         if len(raw) > self.uncounted:
