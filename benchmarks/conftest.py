@@ -1,17 +1,21 @@
-"""Fixtures for the micro benchmarks: a signal corpus, ingestd's dispatcher, a Redis db.
+"""Fixtures for the benchmarks: the local stack, a signal corpus, ingestd's dispatcher,
+a Redis db.
 
-Run with::
+Run with ``scripts/bench`` (results file, BENCHMARKS.md), or::
 
-    .venv/bin/pytest benchmarks -p no:cacheprovider --benchmark-enable --benchmark-only
+    .venv/bin/pytest benchmarks --benchmark-only
 
-Without ``--benchmark-enable`` (pyproject's addopts disable benchmarks) every
-benchmark body runs once, as a plain test.
+which starts the local stack (``scripts/stack up``) when Kafka or Redis is not
+running, and stops what it started. ``--benchmark-disable`` runs every benchmark
+body once, as a plain test.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +30,27 @@ from tests import stack
 
 N_RECORDS = 1000
 TOPIC = "pulse_signals"
+
+
+def _listening(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_stack() -> Iterator[None]:
+    """Kafka and Redis on loopback: the running ones, or started here and stopped after."""
+    if _listening(stack.BOOTSTRAP) and _listening(f"127.0.0.1:{stack.REDIS_PORT}"):
+        yield
+        return
+    command = str(stack.REPO / "scripts" / "stack")
+    subprocess.run([command, "up"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run([command, "down"], check=False)
 
 _NAMES = ("cpu.load", "cpu.user", "mem.used", "mem.free", "disk.io.read", "disk.io.write",
           "net.rx.bytes", "net.tx.bytes", "temp.cpu", "http.latency.p99", "queue.depth")
