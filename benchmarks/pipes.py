@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 import redis
@@ -113,6 +116,13 @@ def produce(topic: str, rate: int, seconds: float, bootstrap: str) -> None:
             i += 1
         p.poll(0)
     p.flush(30)
+
+
+def spawn(*args: str, bootstrap: str) -> subprocess.Popen[bytes]:
+    """``python -m benchmarks.pipes ARGS`` as a process of its own."""
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.pipes", *args,
+                             "--bootstrap-servers", bootstrap],
+                            cwd=Path(__file__).resolve().parent.parent)
 
 
 def main() -> None:

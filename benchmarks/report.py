@@ -40,7 +40,7 @@ STEPS = [
 ]
 
 
-def _by_prefix(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _by_name(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {b["name"]: b for b in data["benchmarks"]}
 
 
@@ -49,7 +49,7 @@ def _find(found: dict[str, dict[str, Any]], prefix: str) -> dict[str, Any] | Non
 
 
 def throughput_rows(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    found = _by_prefix(data)
+    found = _by_name(data)
     rows = []
     for prefix, label in THROUGHPUT:
         info = _find(found, prefix)
@@ -59,7 +59,7 @@ def throughput_rows(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def throughput_table(data: dict[str, Any]) -> str:
-    found = _by_prefix(data)
+    found = _by_name(data)
     base = (_find(found, THROUGHPUT[0][0]) or {}).get("steady_signals_per_s")
     raw = (_find(found, THROUGHPUT[1][0]) or {}).get("steady_signals_per_s")
     lines = ["| pipeline | records | signals/s (whole run) | signals/s (steady) | vs old script "
@@ -76,7 +76,7 @@ def throughput_table(data: dict[str, Any]) -> str:
 
 
 def latency_table(data: dict[str, Any]) -> str:
-    found = _by_prefix(data)
+    found = _by_name(data)
     lines = ["| pipeline | rate | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|"]
     for prefix, label in LATENCY:
         info = _find(found, prefix)
@@ -103,7 +103,7 @@ def micro_table(data: dict[str, Any]) -> str:
 
 
 def profile_lines(data: dict[str, Any]) -> list[str]:
-    found = _by_prefix(data)
+    found = _by_name(data)
     out = []
     for name, label in STEPS:
         us = found.get(name, {}).get("extra_info", {}).get("mean_per_record_us")

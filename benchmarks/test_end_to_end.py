@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -63,17 +61,11 @@ def queue_db() -> Iterator[tuple[str, redis.Redis]]:
     stack.release_redis_db(db)
 
 
-def pipe_process(pipe: str, topic: str, url: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.pipes", pipe, topic, url,
-                             "--bootstrap-servers", stack.BOOTSTRAP], cwd=stack.REPO)
-
-
 def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int],
           records: int) -> None:
     """Wait until ``done()`` reaches ``records``; report rates, CPU per signal and peak RSS
     of the process tree ``pid()`` (which the caller stops afterwards)."""
     marks: dict[str, Any] = {}
-    peak = [0.0]
 
     def run() -> None:
         marks["start"] = time.perf_counter()
@@ -84,10 +76,10 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
             if n and "first" not in marks and root is not None:
                 marks.update(first=time.perf_counter(), first_n=n,
                              first_cpu=measure.cpu_seconds(root))
-            if root is not None:
-                peak[0] = max(peak[0], measure.peak_rss_mb(root))
             if n >= records and root is not None:
-                marks.update(end=time.perf_counter(), end_cpu=measure.cpu_seconds(root))
+                # VmHWM is the peak already: read once, not a /proc scan every poll
+                marks.update(end=time.perf_counter(), end_cpu=measure.cpu_seconds(root),
+                             peak=measure.peak_rss_mb(root))
                 return
             time.sleep(POLL)
         raise AssertionError(f"not drained in {TIMEOUT:.0f}s: {done()} of {records}")
@@ -104,7 +96,7 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
     benchmark.extra_info.update(
         records=records, seconds=round(seconds, 3), signals_per_s=round(records / seconds),
         steady_signals_per_s=steady,
-        cpu_us_per_signal=round(cpu_us, 2), peak_rss_mb=peak[0])
+        cpu_us_per_signal=round(cpu_us, 2), peak_rss_mb=marks["peak"])
 
 
 @pytest.mark.parametrize(("dispatch", "workers"), [("each", 1), ("each", 2), ("batch", 1)])
@@ -155,7 +147,7 @@ def test_alternative(benchmark: Any, lagging_topic: str, pipe: str, records: int
                      queue_db: tuple[str, redis.Redis]) -> None:
     """The old script and the raw pipe, in the same run as ingestd."""
     url, client = queue_db
-    proc = pipe_process(pipe, lagging_topic, url)
+    proc = pipes.spawn(pipe, lagging_topic, url, bootstrap=stack.BOOTSTRAP)
     try:
         drain(benchmark, lambda: proc.pid, lambda: int(client.llen("celery")), records)
     finally:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -26,7 +24,6 @@ import pytest
 import redis
 
 from benchmarks import measure, pipes
-from benchmarks.test_end_to_end import pipe_process
 from tests import stack
 
 RATE = int(os.environ.get("INGESTD_BENCH_RATE", "10000"))
@@ -62,10 +59,8 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
         client.delete("celery")
 
         def run() -> None:
-            producer = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.pipes", "produce", topic, "--rate", str(RATE),
-                 "--seconds", str(WARMUP + SECONDS), "--bootstrap-servers", stack.BOOTSTRAP],
-                cwd=stack.REPO)
+            producer = pipes.spawn("produce", topic, "--rate", str(RATE), "--seconds",
+                                   str(WARMUP + SECONDS), bootstrap=stack.BOOTSTRAP)
             deadline = time.monotonic() + WARMUP + SECONDS + 60
             while len(arrivals) < sends and time.monotonic() < deadline:
                 got = cast("list[bytes]", client.rpop("celery", 1000) or [])
@@ -119,7 +114,7 @@ def test_latency_ingestd(benchmark: Any, workers: int) -> None:
 
 def test_latency_raw_pipe(benchmark: Any) -> None:
     def start(topic: str, url: str) -> Callable[[], None]:
-        proc = pipe_process("raw", topic, url)
+        proc = pipes.spawn("raw", topic, url, bootstrap=stack.BOOTSTRAP)
 
         def stop() -> None:
             proc.kill()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from benchmarks import measure
 from ingestd import dlq
 from tests import stack
 from tests.test_worker import wait_queue
@@ -113,14 +114,6 @@ def pathological(i: int, size: int = 1_000_000) -> bytes:
     return head + b",".join([b"[]"] * ((size - len(head)) // 3)) + b"]}"
 
 
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmHWM for {pid}")
-
-
 @pytest.mark.parametrize("kind", ["over-the-item-limit", "under-the-item-limit"])
 def test_pathological_records_keep_memory_bounded(topic_factory: Callable[..., str],
                                                   broker_url: str, kind: str,
@@ -141,7 +134,7 @@ def test_pathological_records_keep_memory_bounded(topic_factory: Callable[..., s
         wait_queue(broker_url, n - len(bad) if over else n, timeout=180)
         letters = stack.consume_all(f"{topic}.dlq", len(bad), timeout=120) if over else []
         (pid,) = ingestd.worker_pids()
-        peak = peak_rss_mb(pid)
+        peak = measure.peak_rss_mb(pid)
         ingestd.signal(signal.SIGTERM)
         assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
     if over:
