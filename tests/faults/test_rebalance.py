@@ -39,7 +39,7 @@ def test_workers_starting_on_a_backlog(run: Run, workers: int, round_: int) -> N
     each join is a rebalance in the middle of batches, at a different point every round."""
     run.load.produce(BACKLOG)
     ingestd = run.ingestd(*BACKLOG_ARGS, workers=workers)
-    if not stack.wait_until(lambda: REVOKED.search(ingestd.output()), 20):
+    if not stack.wait_until(lambda: REVOKED.search(ingestd.output()), 5):
         # Every worker made the group's first generation, so nothing moved: one more
         # worker joins, in the middle of the backlog's batches.
         print("\nevery worker joined at once; adding one (TTIN)")
