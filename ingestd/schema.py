@@ -65,16 +65,24 @@ class Validator:
     """Built once per worker; :meth:`check` is called for every record."""
 
     def __init__(self, schema: str, max_record_bytes: int,
-                 max_record_items: int = Config.max_record_items) -> None:
+                 max_record_items: int = Config.max_record_items, typed: bool = False) -> None:
         self.struct = load_struct(schema)
         self.finite_value = self.struct is Signal
         self.max_record_bytes = max_record_bytes
         self.max_record_items = max_record_items
         self.uncounted = min(max_record_items, 2 * MAX_DEPTH)  # bytes
         self._decode = msgspec.json.Decoder().decode
+        self._typed = (msgspec.json.Decoder(self.struct).decode
+                       if typed and self.struct is not None else None)
 
-    def check(self, raw: bytes | None) -> dict[str, Any]:
-        """The decoded JSON object, or :class:`RecordError` naming the category."""
+    def check(self, raw: bytes | None) -> Any:
+        """The decoded JSON object, or :class:`RecordError` naming the category.
+
+        A ``typed`` validator with a struct schema decodes straight into the struct (one
+        pass, no dict) and returns the struct; for a caller that needs the record itself
+        only where it cannot work from the bytes (``codec.record_argsrepr``). A record the
+        struct refuses is checked again the dict way, so that its reason and detail are
+        the same either way."""
         if not raw:
             detail = "empty value" if raw is not None else "null value (tombstone)"
             raise RecordError(DECODE, detail)
@@ -93,6 +101,14 @@ class Validator:
                 items = count_items(raw)
                 if items > self.max_record_items:
                     raise RecordError(TOO_LARGE, f"{items} JSON items > {self.max_record_items}")
+        if self._typed is not None and containers <= MAX_DEPTH:
+            try:
+                record = self._typed(raw)
+            except Exception:  # any refusal: the dict way names it
+                pass
+            else:
+                if not self.finite_value or math.isfinite(record.value):  # type: ignore[attr-defined]
+                    return record
         try:
             obj = self._decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:

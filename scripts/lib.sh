@@ -8,8 +8,8 @@ PY="$VENV/bin/python"
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 say() { echo "$(basename "$0"): $*" >&2; }
 
-# Create the venv and install ingestd with its dev extras when pyproject.toml
-# changed since the last install.
+# Create the venv and install ingestd with its dev extras when pyproject.toml or
+# the C module's source changed since the last install.
 ensure_venv() {
     command -v python3 >/dev/null || die "python3 not found; install Python 3.11 or newer"
     if [ ! -x "$PY" ]; then
@@ -17,12 +17,28 @@ ensure_venv() {
         python3 -m venv "$VENV" || die "python3 -m venv failed; on Debian: apt-get install python3-venv"
     fi
     local stamp="$VENV/.ingestd-installed"
-    if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ] \
+        || [ "$REPO/ingestd/_native.c" -nt "$stamp" ]; then
+        ensure_compiler
         say "installing ingestd[dev] into $VENV"
         "$PY" -m pip install -q --upgrade pip >/dev/null
         "$PY" -m pip install -q -e "$REPO[dev]" >"$VENV/pip.log" 2>&1 || { tail -n 20 "$VENV/pip.log" >&2; die "pip install failed (log: $VENV/pip.log)"; }
         touch "$stamp"
     fi
+}
+
+# ingestd/_native.c (the hot path in C) needs a C compiler and Python's headers. pip
+# builds ingestd without it where they are missing; the tests insist on it.
+ensure_compiler() {
+    local include
+    include="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+    if command -v cc >/dev/null && [ -f "$include/Python.h" ]; then return 0; fi
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+        || die "no C compiler or no $include/Python.h; install gcc and Python's headers (Debian: apt-get install gcc python3-dev)"
+    say "installing gcc and Python's headers with apt-get (for ingestd/_native.c)"
+    apt_install gcc
+    [ -f "$include/Python.h" ] || apt_install python3-dev
+    [ -f "$include/Python.h" ] || die "no $include/Python.h after apt-get install python3-dev"
 }
 
 # apt-get install, quietly; runs apt-get update once when the first try fails.

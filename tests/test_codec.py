@@ -124,9 +124,13 @@ def redis_client(broker_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def dispatchers(broker_url: str) -> Iterator[Factory]:
-    """Builds ingestd's Redis dispatcher for this test's own Redis database."""
+@pytest.fixture(params=["native", "python"])
+def dispatchers(broker_url: str, request: pytest.FixtureRequest,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Factory]:
+    """Builds ingestd's Redis dispatcher for this test's own Redis database, once with the
+    hot path in C (``ingestd._native``) and once as it runs where that is not built."""
+    if request.param == "python":
+        monkeypatch.setattr(codec, "native", None)
     made: list[dispatch.Dispatcher] = []
 
     def make(queue: str = "celery", mode: str = "each") -> dispatch.RedisDispatcher:
@@ -364,7 +368,7 @@ def test_argsrepr_edge_shapes(args: list[Any]) -> None:
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])
 def test_delivery_tags_are_distinct_uuid4(n: int) -> None:
-    tags = codec.delivery_tags(n)
+    tags = [tag.decode("ascii") for tag in codec.delivery_tags(n)]
     assert len(tags) == n
     assert len(set(tags)) == n
     for tag in tags:

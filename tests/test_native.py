@@ -1,0 +1,229 @@
+"""``ingestd._native`` (the hot path in C) gives what the Python path gives, byte for byte.
+
+The Python path is proved equal to ``send_task`` in ``tests/test_codec.py``; the
+envelope comparisons there run with and without the C module. Here, on JSON texts
+as producers write them (any white space, any number notation, escapes):
+
+- ``argsrepr`` answers only what the Python path answers, and answers for the common
+  record, or it would save nothing;
+- ``encode_each`` writes the same envelopes as the Python loop;
+- a typed validator (``Validator(typed=True)``, which skips the dict) accepts and
+  refuses exactly what the dict path does, with the same reason and detail.
+"""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import orjson
+import pytest
+from celery import Celery
+from celery.utils.saferepr import saferepr
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from benchmarks import pipes
+from ingestd import codec, dispatch
+from ingestd.errors import RecordError
+from ingestd.schema import Validator
+from tests.test_codec import CURATED, json_objects, signals
+
+native = codec.native
+_hyp = settings(max_examples=400, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def test_the_dev_install_builds_the_module() -> None:
+    assert native is not None, "ingestd._native is not built: pip found no C compiler"
+
+
+# --- JSON texts as producers write them ---------------------------------------------------
+
+_ws = st.sampled_from(["", " ", "  ", "\n", "\t", "\r\n "])
+_numbers = st.from_regex(r"\A-?(0|[1-9][0-9]{0,22})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,3})?\Z")
+_string_chars = st.sampled_from(
+    [*"abcXYZ019 .:,-_/{}[]'\"\\é€😀", "\x7f", "\x1f", "\u2028"])
+
+
+@st.composite
+def _strings(draw: st.DrawFn) -> str:
+    text = "".join(draw(st.lists(_string_chars, max_size=12)))
+    return json.dumps(text, ensure_ascii=draw(st.booleans()))
+
+
+_scalars = _numbers | _strings() | st.sampled_from(["true", "false", "null"])
+
+
+def _join(draw: st.DrawFn, items: list[str], open_: str, close: str) -> str:
+    return open_ + draw(_ws) + (draw(_ws) + "," + draw(_ws)).join(items) + draw(_ws) + close
+
+
+@st.composite
+def _objects(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
+    keys = draw(st.lists(_strings(), max_size=5))
+    if keys and draw(st.booleans()):
+        keys.append(draw(st.sampled_from(keys)))  # a repeated key
+    items = [k + draw(_ws) + ":" + draw(_ws) + draw(values) for k in keys]
+    return _join(draw, items, "{", "}")
+
+
+@st.composite
+def _arrays(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
+    return _join(draw, draw(st.lists(values, max_size=4)), "[", "]")
+
+
+_values = st.recursive(_scalars, lambda inner: _objects(inner) | _arrays(inner), max_leaves=20)
+json_texts = st.builds(lambda ws, text, ws2: (ws + text + ws2).encode(), _ws, _objects(_values),
+                       _ws)
+# Records as Python producers write them, and as orjson does
+records = st.builds(lambda o, compact: orjson.dumps(o) if compact else json.dumps(o).encode(),
+                    json_objects | signals, st.booleans())
+
+
+def _decoded(raw: bytes) -> object:
+    """The record as the validator decodes it; a text it refuses never reaches the codec."""
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        assume(False)
+        raise
+
+
+def _python_argsrepr(raw: bytes, maxsize: int) -> bytes:
+    with_native, codec.native = codec.native, None
+    try:
+        return codec.record_argsrepr(raw, _decoded(raw), maxsize)
+    finally:
+        codec.native = with_native
+
+
+# --- argsrepr --------------------------------------------------------------------------------
+
+@_hyp
+@given(raw=json_texts | records, maxsize=st.sampled_from([1024, 1024, 40, 200, 5000]))
+def test_argsrepr_is_the_python_paths(raw: bytes, maxsize: int) -> None:
+    assert native is not None
+    mine = native.argsrepr(raw, maxsize)
+    if mine is not None:
+        assert mine == _python_argsrepr(raw, maxsize)
+        assert json.loads(mine) == saferepr([json.loads(raw)], maxsize)  # the worker's view
+
+
+@_hyp
+@given(raw=json_texts, cut=st.integers(0, 1000), junk=st.sampled_from(["", "x", ",", "}", "0"]))
+def test_argsrepr_refuses_what_is_not_json(raw: bytes, cut: int, junk: str) -> None:
+    assert native is not None
+    broken = raw[:cut % (len(raw) + 1)] + junk.encode() + raw[cut % (len(raw) + 1) + 1:]
+    try:
+        json.loads(broken)
+    except ValueError:
+        assert native.argsrepr(broken, 1024) is None
+
+
+@pytest.mark.parametrize("raw", [
+    pipes.signal(7), pipes.signal(123_456, sent=1764650000.123456),
+    orjson.dumps(CURATED[0]), orjson.dumps(CURATED[1]), json.dumps(CURATED[1]).encode(),
+    b'{"name":"n","value":-0,"source":"s","timestamp":1e3,"ok":true,"x":null,"l":[1,2.5],"o":{}}',
+    b'{"v": 0.0001, "w": 1234567890123450.0, "x": 5E-7, "y": 1.50, "z": 0.30000000000000004}',
+], ids=lambda raw: raw[:30].decode())
+def test_argsrepr_answers_for_common_records(raw: bytes) -> None:
+    assert native is not None
+    assert native.argsrepr(raw, 1024) == _python_argsrepr(raw, 1024)
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    (b'{"a": "it\'s"}', "a single quote: repr picks double quotes"),
+    (b'{"a": "\\u00e9"}', "an escape"),
+    ('{"a": "é"}'.encode(), "not ASCII"),
+    (b'{"a": "\x7f"}', "DEL prints as \\x7f"),
+    (b'{"a": 1, "a": 2}', "a repeated key"),
+    (b'{"a": {"b": {"c": 1}}}', "a container below the record's children"),
+    (b'[1]', "not an object"),
+    (b'{"a": "' + b"x" * 1100 + b'"}', "longer than maxsize: saferepr cuts"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_argsrepr_leaves_the_rest_to_python(raw: bytes, why: str) -> None:
+    assert native is not None
+    assert native.argsrepr(raw, 1024) is None, why
+
+
+@pytest.mark.parametrize("pad", range(1000, 1030))
+def test_argsrepr_at_the_truncation_boundary(pad: int) -> None:
+    raw = b'{"s": "' + b"x" * (pad - 12) + b'"}'
+    assert native is not None
+    mine = native.argsrepr(raw, 1024)
+    assert (mine is None) == (len(repr([json.loads(raw)])) >= 1024)
+    assert mine is None or mine == _python_argsrepr(raw, 1024)
+
+
+# --- envelopes -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def envelopes() -> codec.RedisEnvelopes:
+    app = Celery("ingestd-test", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    return codec.RedisEnvelopes(codec.MessageBuilder(codec.capture(app, "t", "celery")))
+
+
+@_hyp
+@given(raws=st.lists(json_texts | records, min_size=1, max_size=5))
+def test_encode_each_is_the_python_loops(envelopes: codec.RedisEnvelopes,
+                                         raws: list[bytes]) -> None:
+    tasks = [dispatch.Task(f"t-0-{i}", "t", [raw], [_decoded(raw)])
+             for i, raw in enumerate(raws)]
+    tags = codec.delivery_tags(len(tasks))
+    mine = envelopes.encode_each(tasks, tags)
+    with_native, codec.native = codec.native, None
+    try:
+        theirs = envelopes.encode_each(tasks, tags)
+    finally:
+        codec.native = with_native
+    assert mine == theirs
+
+
+def test_encode_each_decodes_what_a_typed_validator_left_as_a_struct(
+        envelopes: codec.RedisEnvelopes) -> None:
+    raw = json.dumps({**CURATED[0], "city": "São Paulo"}).encode()  # not ASCII: Python's
+    record = Validator("signal", 1 << 20, typed=True).check(raw)
+    assert not isinstance(record, dict)
+    (mine,) = envelopes.encode_each([dispatch.Task("t-0-0", "t", [raw], [record])],
+                                    codec.delivery_tags(1))
+    assert json.loads(mine)["headers"]["argsrepr"] == saferepr([json.loads(raw)], 1024)
+
+
+# --- the typed validator ---------------------------------------------------------------------
+
+_signal_texts = st.builds(
+    lambda obj, extra: json.dumps({**extra, **obj}).encode(),
+    st.fixed_dictionaries({
+        "name": st.sampled_from(["", "cpu", 1]), "value": st.sampled_from(
+            [1, 1.5, -0.0, 1e308, "1", None, True, 10**400]),
+        "source": st.sampled_from(["s", 2]),
+        "timestamp": st.sampled_from([0, 1.5, "2024-05-01T12:00:00Z", "2024-05-01T12:00:00",
+                                      "x", None])},
+        optional={"id": st.sampled_from(["a", None, 3]),
+                  "tags": st.sampled_from([{}, {"k": "v"}, {"k": 1}, None, []])}),
+    st.dictionaries(st.sampled_from(["extra", "n", "name"]), st.integers()))
+
+
+def _outcome(validator: Validator, raw: bytes | None) -> tuple[str, str]:
+    try:
+        validator.check(raw)
+    except RecordError as exc:
+        return exc.reason, exc.detail
+    return "ok", ""
+
+
+@_hyp
+@given(raw=_signal_texts | json_texts | records | st.binary(max_size=40)
+       | st.sampled_from([None, b"", b"[]", b"1e999", b'{"value": 1e999}']))
+def test_typed_validator_agrees_with_the_dict_path(raw: bytes | None) -> None:
+    typed = Validator("signal", 1 << 20, typed=True)
+    plain = Validator("signal", 1 << 20)
+    assert _outcome(typed, raw) == _outcome(plain, raw)
+
+
+def test_typed_validator_skips_the_dict() -> None:
+    record = Validator("signal", 1 << 20, typed=True).check(pipes.signal(1))
+    assert type(record).__name__ == "Signal"
+    assert Validator("object", 1 << 20, typed=True).check(pipes.signal(1)) == json.loads(
+        pipes.signal(1))
