@@ -294,17 +294,42 @@ static char *base64(const unsigned char *in, Py_ssize_t n, char *out) {
 
 enum { SLOT_BODY, SLOT_ID, SLOT_ARGSREPR, SLOT_TAG, SLOT_IDS, SLOTS };
 
+/* The output of encode_each: a list of envelopes, or one LPUSH command in RESP (as
+ * ingestd.dispatch.pack_lpush writes it), built in a bytes object that grows. */
+typedef struct {
+    PyObject *list, *packed;
+    Py_ssize_t used;
+} Out;
+
+/* Room for `extra` more bytes at the end of the packed command. */
+static char *reserve(Out *o, Py_ssize_t extra) {
+    Py_ssize_t size = PyBytes_GET_SIZE(o->packed);
+    if (o->used + extra > size) {
+        Py_ssize_t want = size * 2 > o->used + extra ? size * 2 : o->used + extra;
+        if (_PyBytes_Resize(&o->packed, want) < 0) return NULL;
+    }
+    return PyBytes_AS_STRING(o->packed) + o->used;
+}
+
+static int put(Out *o, const char *text, Py_ssize_t len) {
+    char *w = reserve(o, len);
+    if (w == NULL) return -1;
+    memcpy(w, text, (size_t)len);
+    o->used += len;
+    return 0;
+}
+
 static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8 || !PyTuple_Check(args[0]) || !PyBytes_Check(args[1]) ||
+    if (nargs != 9 || !PyTuple_Check(args[0]) || !PyBytes_Check(args[1]) ||
         !PyBytes_Check(args[2]) || !PyBytes_Check(args[3]) || !PyList_Check(args[5]) ||
-        !PyList_Check(args[6])) {
+        !PyList_Check(args[6]) || (args[8] != Py_None && !PyBytes_Check(args[8]))) {
         PyErr_SetString(PyExc_TypeError, "encode_each(fragments: tuple[bytes, ...], "
                         "slots: bytes, head: bytes, tail: bytes, maxsize: int, tasks: list, "
-                        "tags: list[bytes], fallback)");
+                        "tags: list[bytes], fallback, key: bytes | None)");
         return NULL;
     }
     PyObject *fragments = args[0], *slots = args[1], *tasks = args[5], *tags = args[6];
-    PyObject *fallback = args[7];
+    PyObject *fallback = args[7], *key = args[8];
     const char *head = PyBytes_AS_STRING(args[2]), *tail = PyBytes_AS_STRING(args[3]);
     Py_ssize_t head_n = PyBytes_GET_SIZE(args[2]), tail_n = PyBytes_GET_SIZE(args[3]);
     Py_ssize_t maxsize = PyLong_AsSsize_t(args[4]);
@@ -327,8 +352,19 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
     char *repr = PyMem_Malloc((size_t)maxsize + 1);
     Py_ssize_t body_cap = 0;
     char *body = NULL;
-    PyObject *out = PyList_New(n);
-    if (repr == NULL || out == NULL) goto fail;
+    char number[32];
+    Out o = {NULL, NULL, 0};
+    if (repr == NULL) goto fail;
+    if (key == Py_None) {
+        if ((o.list = PyList_New(n)) == NULL) goto fail;
+    } else {
+        Py_ssize_t key_n = PyBytes_GET_SIZE(key);
+        if ((o.packed = PyBytes_FromStringAndSize(NULL, n * (constant + 1024) + key_n + 64)) == NULL)
+            goto fail;
+        int len = snprintf(number, sizeof number, "*%zd\r\n$5\r\nLPUSH\r\n$%zd\r\n", n + 2, key_n);
+        if (put(&o, number, len) || put(&o, PyBytes_AS_STRING(key), key_n) || put(&o, "\r\n", 2))
+            goto fail;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         /* a Task: (task_id, topic, [raw], [obj], ids) */
         PyObject *task = PyList_GET_ITEM(tasks, i), *tag = PyList_GET_ITEM(tags, i);
@@ -382,12 +418,20 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
             default: total += 2; break; /* ids: [] */
             }
         }
-        PyObject *envelope = PyBytes_FromStringAndSize(NULL, total);
-        if (envelope == NULL) {
+        PyObject *envelope = NULL;
+        char *w;
+        if (o.list != NULL) {
+            envelope = PyBytes_FromStringAndSize(NULL, total);
+            w = envelope == NULL ? NULL : PyBytes_AS_STRING(envelope);
+        } else {
+            int len = snprintf(number, sizeof number, "$%zd\r\n", total);
+            w = put(&o, number, len) ? NULL : reserve(&o, total + 2);
+        }
+        if (w == NULL) {
             Py_XDECREF(slow);
             goto fail;
         }
-        char *w = PyBytes_AS_STRING(envelope);
+        char *start = w;
         for (Py_ssize_t k = 0; k <= nslots; k++) {
             PyObject *f = PyTuple_GET_ITEM(fragments, k);
             memcpy(w, PyBytes_AS_STRING(f), (size_t)PyBytes_GET_SIZE(f));
@@ -405,15 +449,23 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
             }
         }
         Py_XDECREF(slow);
-        PyList_SET_ITEM(out, i, envelope);
+        if (o.list != NULL) {
+            PyList_SET_ITEM(o.list, i, envelope);
+        } else {
+            memcpy(w, "\r\n", 2);
+            o.used += w + 2 - start;
+        }
     }
     PyMem_Free(repr);
     PyMem_Free(body);
-    return out;
+    if (o.list != NULL) return o.list;
+    if (_PyBytes_Resize(&o.packed, o.used) < 0) return NULL;
+    return o.packed;
 fail:
     PyMem_Free(repr);
     PyMem_Free(body);
-    Py_XDECREF(out);
+    Py_XDECREF(o.list);
+    Py_XDECREF(o.packed);
     return NULL;
 }
 
@@ -422,11 +474,12 @@ static PyMethodDef methods[] = {
      "argsrepr(raw, maxsize): the JSON string of saferepr([json.loads(raw)], maxsize), "
      "or None where the Python path must answer."},
     {"encode_each", (PyCFunction)(void (*)(void))encode_each, METH_FASTCALL,
-     "encode_each(fragments, slots, head, tail, maxsize, tasks, tags, fallback): the kombu\n"
-     "Redis envelope of each each-mode task (task_id, topic, [raw], [obj], ids): the\n"
+     "encode_each(fragments, slots, head, tail, maxsize, tasks, tags, fallback, key): the\n"
+     "kombu Redis envelope of each each-mode task (task_id, topic, [raw], [obj], ids): the\n"
      "fragments joined with, at each slot (0 body, 1 id, 2 argsrepr, 3 tag, 4 ids), the\n"
      "base64 of head + raw + tail, the task id, the argsrepr's JSON string (from\n"
-     "fallback(task) where argsrepr() returns None), the delivery tag, and []."},
+     "fallback(task) where argsrepr() returns None), the delivery tag, and []. A list of\n"
+     "them; or, given a key, the command LPUSH key *envelopes in RESP."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,7 +15,7 @@ import operator
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,8 +115,7 @@ def record_argsrepr(raw: bytes, obj: Any, maxsize: int) -> bytes:
 
     From the record's bytes in C where ``ingestd._native`` knows the answer (the common
     flat record: a fraction of ``repr``'s cost, and no dict needed); else from ``obj``,
-    the decoded record, decoded again here when the validator handed over a struct
-    instead of the dict."""
+    the decoded record, or decoded here where a typed validator built none."""
     if native is not None:
         text = native.argsrepr(raw, maxsize)
         if text is not None:
@@ -258,12 +257,11 @@ class RedisEnvelopes:
         in C when ``ingestd._native`` is built, else in one Python loop. It runs once per
         signal, so its names are bound to locals and the body and argsrepr are built
         inline (:meth:`MessageBuilder.body` and :func:`record_argsrepr`)."""
+        if native is not None:
+            envelopes: list[bytes] = native.encode_each(*self._native_args(tasks, tags), None)
+            return envelopes
         c = self.b.c
         head, tail, maxsize = c.body_head + b"[", b"]" + c.body_tail, c.argsrepr_maxsize
-        if native is not None:
-            return native.encode_each(
-                self._fragments, self._slots, head, tail, maxsize, list(tasks), list(tags),
-                lambda task: record_argsrepr(task[2][0], task[3][0], maxsize))
         fmt, pick, b64, slow = self._format, self._pick, binascii.b2a_base64, record_argsrepr
         out: list[bytes] = []
         add = out.append
@@ -272,3 +270,23 @@ class RedisEnvelopes:
             add(fmt % pick((b64(head + raw + tail, newline=False), task_id.encode(),
                             slow(raw, args[0], maxsize), tag, b"[]")))
         return out
+
+    def lpush_each(self, key: bytes, tasks: Sequence[tuple[str, str, list[bytes], list[Any], Any]],
+                   tags: Sequence[bytes]) -> bytes | None:
+        """``LPUSH key`` of the envelopes of :meth:`encode_each`, in RESP: written by C straight
+        into one buffer (no bytes object per envelope, no second copy), as
+        ``dispatch.pack_lpush`` packs them; None where ``ingestd._native`` is not built."""
+        if native is None:
+            return None
+        packed: bytes = native.encode_each(*self._native_args(tasks, tags), key)
+        return packed
+
+    def _native_args(self, tasks: Sequence[Any], tags: Sequence[bytes]) -> tuple[
+            tuple[bytes, ...], bytes, bytes, bytes, int, list[Any], list[bytes],
+            Callable[[Any], bytes]]:
+        """``native.encode_each``'s arguments but the key."""
+        c = self.b.c
+        maxsize = c.argsrepr_maxsize
+        return (self._fragments, self._slots, c.body_head + b"[", b"]" + c.body_tail, maxsize,
+                list(tasks), list(tags),
+                lambda task: record_argsrepr(task[2][0], task[3][0], maxsize))

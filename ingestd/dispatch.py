@@ -160,9 +160,9 @@ class RedisDispatcher(_Base):
         self.envelopes = codec.RedisEnvelopes(self.builder)
         self._conn: Any = None
 
-    def encode(self, tasks: Sequence[Task]) -> list[bytes]:
+    def encode(self, tasks: Sequence[Task], tags: Sequence[bytes] | None = None) -> list[bytes]:
         """The envelopes, one per task, as kombu's Redis transport would LPUSH them."""
-        tags = codec.delivery_tags(len(tasks))
+        tags = tags or codec.delivery_tags(len(tasks))
         if not self.batch:
             return self.envelopes.encode_each(tasks, tags)
         enc = self.envelopes.encode_batch
@@ -172,8 +172,11 @@ class RedisDispatcher(_Base):
     def prepare(self, tasks: Sequence[Task]) -> bytes:
         """The whole LPUSH command, packed here: the in-flight thread then only writes
         it and reads the reply, and barely needs the GIL."""
-        messages = self.encode(tasks)
-        return pack_lpush(self.key.encode(), messages) if messages else b""
+        if not tasks:
+            return b""
+        key, tags = self.key.encode(), codec.delivery_tags(len(tasks))
+        packed = None if self.batch else self.envelopes.lpush_each(key, tasks, tags)
+        return packed if packed is not None else pack_lpush(key, self.encode(tasks, tags))
 
     def send(self, packed: bytes) -> None:
         if not packed:

@@ -79,10 +79,10 @@ class Validator:
         """The decoded JSON object, or :class:`RecordError` naming the category.
 
         A ``typed`` validator with a struct schema decodes straight into the struct (one
-        pass, no dict) and returns the struct; for a caller that needs the record itself
-        only where it cannot work from the bytes (``codec.record_argsrepr``). A record the
-        struct refuses is checked again the dict way, so that its reason and detail are
-        the same either way."""
+        pass, no dict), and returns None for a record it accepts: for a caller that needs
+        the record itself only where it cannot work from the bytes
+        (``codec.record_argsrepr``). A record the struct refuses is checked again the dict
+        way, so that its reason and detail are the same either way."""
         if not raw:
             detail = "empty value" if raw is not None else "null value (tombstone)"
             raise RecordError(DECODE, detail)
@@ -108,7 +108,7 @@ class Validator:
                 pass
             else:
                 if not self.finite_value or math.isfinite(record.value):  # type: ignore[attr-defined]
-                    return record
+                    return None
         try:
             obj = self._decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:

@@ -115,7 +115,7 @@ class Worker:
         self.broker_error = ""
         self.status = ""
         # In each mode a task's argsrepr comes from the record's bytes (codec.record_argsrepr):
-        # the validator need build no dict, only the struct.
+        # the validator keeps nothing, and builds only the struct it validates with.
         self.validator = Validator(config.schema, config.max_record_bytes,
                                    config.max_record_items,
                                    typed=config.dispatch == "each" and codec.native
@@ -161,15 +161,21 @@ class Worker:
             while not self.stopping:
                 self._tick()
                 messages = self.consume()
-                self.settle()
                 if not messages or self.abandoned:
+                    self.settle()
                     continue
+                # The batch in flight is published while this one is decoded and built: if
+                # it is accepted by now, its commit goes out before the work, not after.
+                self._collect()
                 if self.holding is not None:  # while the records could kill the process
                     self.holding.hold(ranges_of(messages))
                 batch = self.decode(messages)
                 self.build(batch)
                 if self.holding is not None:
                     self.holding.hold([])
+                self.settle()
+                if self.abandoned:
+                    break
                 self.await_commit()
                 if self.abandoned:
                     break
