@@ -33,8 +33,10 @@ LATENCY = [
 ]
 # The micro benchmark of ingestd's own step in each group, for the CPU profile.
 STEPS = [
-    ("test_decode_validate[a-ingestd-Validator.check]", "decode + validate"),
-    ("test_build_ingestd", "build the Celery message"),
+    ("test_decode_validate[a2-ingestd-Validator.check typed (each mode, no dict)]",
+     "decode + validate (each mode: typed, no dict)"),
+    ("test_build_ingestd[C]", "build the Celery message and the LPUSH command (C)"),
+    ("test_build_ingestd[Python]", "... the same where `ingestd._native` is not built"),
     ("test_publish_lpush_multi", "publish: one multi-value LPUSH, wall time per record, "
                                  "Redis's own work included"),
 ]

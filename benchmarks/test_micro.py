@@ -5,8 +5,9 @@ per-record cost is the reported time / 1000 (``extra_info["records"]``).
 
 Groups:
 
-- ``decode+validate``: one record's bytes to a validated dict.
-- ``build message``: 1000 ``each``-mode tasks to the bytes kombu's Redis transport LPUSHes;
+- ``decode+validate``: one record's bytes to a validated dict (or, typed, validated only).
+- ``build message``: 1000 ``each``-mode tasks to the bytes kombu's Redis transport LPUSHes
+  (ingestd: the whole LPUSH command, in C and in Python);
   ``build message: argsrepr`` and ``build message: delivery_tag`` time two of its pieces.
 - ``publish``: 1000 messages into a real Redis list, as one batch.
 """
@@ -85,6 +86,8 @@ def _typed_plus_orjson() -> Callable[[list[bytes]], list[Any]]:
 DECODERS: dict[str, Callable[[], Callable[[list[bytes]], list[Any]]]] = {
     "a-ingestd-Validator.check":
         lambda: _each_record(schema.Validator("signal", 1 << 20).check),
+    "a2-ingestd-Validator.check typed (each mode, no dict)":
+        lambda: _each_record(schema.Validator("signal", 1 << 20, typed=True).check),
     "b-orjson.loads+msgspec.convert": lambda: _then_convert(orjson.loads),
     "c-msgspec.Decoder(Signal)+orjson.loads": _typed_plus_orjson,
     "d-msgspec.json.decode+convert": lambda: _then_convert(msgspec.json.decode),
@@ -104,7 +107,7 @@ def test_decode_validate(benchmark: Benchmark, corpus: list[bytes],
     out = benchmark(DECODERS[variant](), corpus)
     _per_record(benchmark)
     assert len(out) == N_RECORDS
-    if not variant.startswith("f-"):
+    if not variant.startswith(("f-", "a2-")):
         assert out == signals
 
 
@@ -119,13 +122,19 @@ def _envelope_view(envelope: bytes | str) -> dict[str, Any]:
     return env
 
 
+@pytest.mark.parametrize("path", ["C", "Python"])
 def test_build_ingestd(benchmark: Benchmark, dispatcher: dispatch.RedisDispatcher,
-                       tasks: list[dispatch.Task]) -> None:
+                       tasks: list[dispatch.Task], path: str,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole LPUSH command of a batch, as the worker builds it: by ``ingestd._native``,
+    or by the Python path that runs where it is not built."""
     benchmark.group = "build message"
+    if path == "Python":
+        monkeypatch.setattr(codec, "native", None)
     _records(benchmark)
-    out = benchmark(dispatcher.encode, tasks)
+    out = benchmark(dispatcher.prepare, tasks)
     _per_record(benchmark)
-    assert len(out) == N_RECORDS
+    assert out.count(b'"delivery_tag"') == N_RECORDS
 
 
 @pytest.mark.stack
@@ -206,35 +215,47 @@ def _saferepr(args: list[Any], maxsize: int) -> str:
     return text
 
 
-ARGSREPR: dict[str, Callable[[list[Any], int], str]] = {
-    "codec.argsrepr": codec.argsrepr,
-    "celery saferepr": _saferepr,
+def _native_argsrepr(raws: list[bytes], _args: list[list[Any]], size: int) -> list[str]:
+    assert codec.native is not None
+    fn = codec.native.argsrepr
+    return [orjson.loads(fn(raw, size) or b"null") for raw in raws]
+
+
+def _objects(fn: Callable[[list[Any], int], str]) -> Callable[..., list[str]]:
+    def run(_raws: list[bytes], args: list[list[Any]], size: int) -> list[str]:
+        return [fn(a, size) for a in args]
+
+    return run
+
+
+ARGSREPR: dict[str, Callable[[list[bytes], list[list[Any]], int], list[str]]] = {
+    "ingestd._native.argsrepr (from the bytes)": _native_argsrepr,
+    "codec.argsrepr (from the dict)": _objects(codec.argsrepr),
+    "celery saferepr": _objects(_saferepr),
 }
 
 
 @pytest.mark.parametrize("variant", list(ARGSREPR))
-def test_build_argsrepr(benchmark: Benchmark, signals: list[dict[str, Any]],
+def test_build_argsrepr(benchmark: Benchmark, corpus: list[bytes],
+                        signals: list[dict[str, Any]],
                         dispatcher: dispatch.RedisDispatcher, variant: str) -> None:
     benchmark.group = "build message: argsrepr"
     _records(benchmark)
-    fn, size = ARGSREPR[variant], dispatcher.captured.argsrepr_maxsize
+    size = dispatcher.captured.argsrepr_maxsize
     args = [[s] for s in signals]
-
-    def run() -> list[str]:
-        return [fn(a, size) for a in args]
-
-    out = benchmark(run)
+    out = benchmark(ARGSREPR[variant], corpus, args, size)
     _per_record(benchmark)
     assert out == [saferepr(a, size) for a in args]
 
 
-def _uuid4_strs(n: int) -> list[str]:
-    return [str(uuid.uuid4()) for _ in range(n)]
+def _uuid4_strs(n: int) -> list[bytes]:
+    """What kombu does per message, encoded as the envelope holds it."""
+    return [str(uuid.uuid4()).encode() for _ in range(n)]
 
 
 DELIVERY_TAGS = {
     "codec.delivery_tags(1000)": codec.delivery_tags,
-    "[str(uuid.uuid4()) x1000]": _uuid4_strs,
+    "[str(uuid.uuid4()).encode() x1000]": _uuid4_strs,
 }
 
 
@@ -245,7 +266,8 @@ def test_build_delivery_tags(benchmark: Benchmark, variant: str) -> None:
     out = benchmark(DELIVERY_TAGS[variant], N_RECORDS)
     _per_record(benchmark)
     assert len(set(out)) == N_RECORDS
-    assert all(uuid.UUID(tag).version == 4 and str(uuid.UUID(tag)) == tag for tag in out)
+    tags = [t.decode() for t in out]
+    assert all(uuid.UUID(tag).version == 4 and str(uuid.UUID(tag)) == tag for tag in tags)
 
 
 # ----------------------------------------------------------------------------------- publish

@@ -24,6 +24,7 @@
 
 #define MAX_KEYS 64   /* an object with more keys is left to Python */
 #define MAX_NUMBER 64 /* a float's text longer than this is left to Python */
+#define MAX_INT_DIGITS 4300 /* Python's default limit on an int's decimal digits */
 
 typedef struct {
     const char *p, *end;
@@ -118,6 +119,7 @@ static int number(State *s) {
     Py_ssize_t len = p - start;
     if (!is_float) {
         if (len == 2 && start[0] == '-' && start[1] == '0') return emit(s, "0", 1);
+        if (len > MAX_INT_DIGITS) return -1; /* repr() raises there (sys.int_info) */
         return emit(s, start, len);
     }
     if (canonical(start, len)) return emit(s, start, len);

@@ -8,8 +8,8 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from ingestd import codec, dispatch, kafka
 from ingestd import config as cfg
-from ingestd import dispatch, kafka
 from ingestd.errors import ExitCode, IngestdError
 
 TIMEOUT = 10.0
@@ -20,6 +20,8 @@ def run_check(loaded: cfg.Loaded) -> int:
     print("effective configuration:")
     for line in cfg.describe(loaded):
         print("  " + line)
+    print("hot path: " + ("C (ingestd._native)" if codec.native is not None else
+                          "Python (ingestd._native was not built: pip found no C compiler)"))
     problems: list[str] = []
     problems += check_kafka(config)
     problems += check_broker(config)

@@ -263,6 +263,7 @@ def test_check_prints_every_setting_with_its_source_and_reaches_both(
     assert shown["task"][0] == repr(TASK)
     lines = result.stdout.splitlines()
     assert f"  source topic {topic}: 4 partitions" in lines, result.stdout
+    assert "hot path: C (ingestd._native)" in lines, result.stdout
     assert any(line.startswith(f"celery broker {broker_url}: reachable") for line in lines), \
         result.stdout
     assert not [line for line in lines if line.startswith("problem:")]

@@ -148,6 +148,13 @@ def test_argsrepr_leaves_the_rest_to_python(raw: bytes, why: str) -> None:
     assert native.argsrepr(raw, 1024) is None, why
 
 
+def test_argsrepr_leaves_integers_repr_refuses_to_python() -> None:
+    """Python prints no int of more than 4300 digits (``sys.int_info``): neither does C."""
+    assert native is not None
+    assert native.argsrepr(b'{"n": ' + b"7" * 4300 + b"}", 10_000) is not None
+    assert native.argsrepr(b'{"n": ' + b"7" * 4301 + b"}", 10_000) is None
+
+
 @pytest.mark.parametrize("pad", range(1000, 1030))
 def test_argsrepr_at_the_truncation_boundary(pad: int) -> None:
     raw = b'{"s": "' + b"x" * (pad - 12) + b'"}'
