@@ -2,8 +2,10 @@
 
 A worker stores a batch's offsets once the Celery broker accepted the batch,
 commits them asynchronously, and publishes the next batch only once Kafka has
-confirmed that commit (:attr:`Offsets.unconfirmed` is empty), so a crash repeats
-at most one batch. The confirmation is librdkafka's commit callback, which also
+confirmed that commit (:attr:`Offsets.unconfirmed` is empty), or while the
+records at risk (:attr:`Offsets.at_risk`, accepted but not confirmed) and the
+next batch together fit in one full batch; so a crash repeats at most a full
+batch of records. The confirmation is librdkafka's commit callback, which also
 reports librdkafka's own periodic commits: any result that covers a stored
 offset confirms it. Only the worker's thread, which owns the consumer, uses
 this class.
@@ -26,10 +28,12 @@ class Offsets:
         self.owned = owned  # the partitions the worker owns now
         self.failed = failed  # a refused store or commit: count it, log it
         self.unconfirmed: dict[Partition, int] = {}  # stored, commit not yet confirmed
+        self.at_risk = 0  # records of stored batches while any commit is unconfirmed
 
-    def store(self, offsets: Mapping[Partition, int]) -> None:
+    def store(self, offsets: Mapping[Partition, int], records: int = 0) -> None:
         """Store the next offset of every partition given that the worker still owns (its
-        new owner consumes the others again), and commit them in the background."""
+        new owner consumes the others again), and commit them in the background.
+        ``records``: how many the batch consumed, counted at risk until confirmed."""
         owned = self.owned()
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in owned]
         if not tps:
@@ -41,6 +45,7 @@ class Offsets:
             return
         for tp in tps:
             self.unconfirmed[(tp.topic, tp.partition)] = tp.offset
+        self.at_risk += records
         self.commit(asynchronous=True)
 
     def commit(self, asynchronous: bool) -> None:
@@ -61,7 +66,7 @@ class Offsets:
         if err is not None:
             if err.code() != KafkaError._NO_OFFSET:  # _NO_OFFSET: all is committed already
                 self.failed(err)
-            self.unconfirmed.clear()
+            self.give_up()
             return
         for tp in partitions:
             key = (tp.topic, tp.partition)
@@ -70,11 +75,16 @@ class Offsets:
                 self.unconfirmed.pop(key, None)
             elif key in self.unconfirmed and tp.offset >= self.unconfirmed[key]:
                 del self.unconfirmed[key]
+        if not self.unconfirmed:
+            self.at_risk = 0
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Revoked or lost partitions: their commits are librdkafka's, or nobody's."""
         for tp in partitions:
             self.unconfirmed.pop((tp.topic, tp.partition), None)
+        if not self.unconfirmed:
+            self.at_risk = 0
 
     def give_up(self) -> None:
         self.unconfirmed.clear()
+        self.at_risk = 0

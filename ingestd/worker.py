@@ -9,7 +9,9 @@ offsets once the in-flight thread reports that the Celery broker accepted the
 batch, and it serves librdkafka's callbacks. An offset is stored only after
 every record at or below it was accepted by the Celery broker or delivered to
 the dead-letter topic. A batch is published only after the previous batch's
-commit was confirmed, so a crash repeats at most the batch in flight.
+commit was confirmed, or while it and the records whose commit is unconfirmed
+fit in one full batch (``--batch-size``), so a crash repeats at most a full
+batch of records.
 
 Every wait (a slow broker, a refused batch, a commit) keeps the heartbeat
 going and keeps serving Kafka with the partitions paused, and the status that
@@ -176,7 +178,7 @@ class Worker:
                 self.settle()
                 if self.abandoned:
                     break
-                self.await_commit()
+                self.await_commit(sum(batch.consumed.values()))
                 if self.abandoned:
                     break
                 if batch.revision != self.assignment.revision:
@@ -399,19 +401,25 @@ class Worker:
             self.refused = (batch, exc)
             return
         self._broker_state(None)
-        self.offsets.store(batch.offsets)
+        self.offsets.store(batch.offsets, sum(batch.consumed.values()))
 
-    def await_commit(self) -> None:
-        """Before the next batch is published: the last batch's commit is confirmed, so that
-        a crash repeats at most one batch. The commit was sent before this batch was
-        decoded and usually is confirmed by now. librdkafka puts commit results ahead of
-        the fetched records, so a consume of one record serves it; what such consumes
-        return is carried into the next batches: up to a batch (in records or bytes) at
-        once, then one record a millisecond, and past two batches (a commit slower than a
-        second, say while the group coordinator moves) the partitions are paused."""
+    def await_commit(self, records: int | None = None) -> None:
+        """Before the next batch (of ``records``; None: none follows) is published: the last
+        batch's commit is confirmed, so that a crash repeats at most one full batch. Under
+        light load batches are small, and the next one goes out at once while it and the
+        records whose commit is still unconfirmed (:attr:`Offsets.at_risk`) fit in
+        ``--batch-size``: a small batch then waits for no commit round trip. The commit
+        was sent before this batch was built and usually is confirmed by now. librdkafka
+        puts commit results ahead of the fetched records, so a consume of one record
+        serves it; what such consumes return is carried into the next batches: up to a
+        batch (in records or bytes) at once, then one record a millisecond, and past two
+        batches (a commit slower than a second, say while the group coordinator moves)
+        the partitions are paused."""
         pending = self.offsets.unconfirmed
-        deadline = time.monotonic() + SLOW
         n, max_size = self.config.batch_size, self.config.max_batch_bytes
+        if pending and records is not None and self.offsets.at_risk + records <= n:
+            return
+        deadline = time.monotonic() + SLOW
         size = _size(self.carry) if pending else 0
         while (pending and len(self.carry) < 2 * n and size < 2 * max_size
                and time.monotonic() < deadline):

@@ -88,3 +88,20 @@ def test_a_refused_store_is_reported_and_nothing_is_awaited() -> None:
     offsets.store({("t", 0): 10})
     assert offsets.unconfirmed == {} and consumer.commits == []
     assert [f.code() for f in failures] == [KafkaError._STATE]
+
+
+def test_records_stay_at_risk_until_every_commit_is_confirmed() -> None:
+    offsets, _, _ = make({("t", 0), ("t", 1)})
+    offsets.store({("t", 0): 10}, records=4)
+    offsets.store({("t", 1): 20}, records=3)
+    assert offsets.at_risk == 7
+    offsets.confirmed(None, [tp(0, 10)])
+    assert offsets.at_risk == 7  # partition 1's commit still open: counted until it is not
+    offsets.confirmed(None, [tp(1, 20)])
+    assert offsets.at_risk == 0
+    offsets.store({("t", 0): 12}, records=2)
+    offsets.forget([TopicPartition("t", 0)])
+    assert offsets.at_risk == 0
+    offsets.store({("t", 0): 14}, records=2)
+    offsets.confirmed(KafkaError(KafkaError.REQUEST_TIMED_OUT), [])
+    assert offsets.at_risk == 0 and offsets.unconfirmed == {}

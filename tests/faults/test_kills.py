@@ -2,7 +2,7 @@
 
 Kafka's OffsetValidationTest's hard bounces: nothing may be lost and no commit may
 pass what was delivered. A killed supervisor's workers drain within a few seconds
-(each repeats at most its batch in flight). A killed broker fails commits, and a
+(each repeats at most one full batch). A killed broker fails commits, and a
 batch whose commit failed is consumed again: duplicates are reported, not bounded.
 """
 
