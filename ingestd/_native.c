@@ -24,7 +24,9 @@
 
 #define MAX_KEYS 64   /* an object with more keys is left to Python */
 #define MAX_NUMBER 64 /* a float's text longer than this is left to Python */
-#define MAX_INT_DIGITS 4300 /* Python's default limit on an int's decimal digits */
+/* An int of more digits is left to Python: str(int) raises past the interpreter's
+ * limit (sys.set_int_max_str_digits), which is 4300 by default and never below 640. */
+#define MAX_INT_DIGITS 640
 
 typedef struct {
     const char *p, *end;
@@ -119,7 +121,7 @@ static int number(State *s) {
     Py_ssize_t len = p - start;
     if (!is_float) {
         if (len == 2 && start[0] == '-' && start[1] == '0') return emit(s, "0", 1);
-        if (len > MAX_INT_DIGITS) return -1; /* repr() raises there (sys.int_info) */
+        if (len > MAX_INT_DIGITS) return -1;
         return emit(s, start, len);
     }
     if (canonical(start, len)) return emit(s, start, len);
@@ -324,21 +326,25 @@ static int put(Out *o, const char *text, Py_ssize_t len) {
 static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 9 || !PyTuple_Check(args[0]) || !PyBytes_Check(args[1]) ||
         !PyBytes_Check(args[2]) || !PyBytes_Check(args[3]) || !PyList_Check(args[5]) ||
-        !PyList_Check(args[6]) || (args[8] != Py_None && !PyBytes_Check(args[8]))) {
+        !PyList_Check(args[6]) || (args[8] != Py_None && !PyBytes_Check(args[8])) ||
+        !PyCallable_Check(args[7])) {
         PyErr_SetString(PyExc_TypeError, "encode_each(fragments: tuple[bytes, ...], "
                         "slots: bytes, head: bytes, tail: bytes, maxsize: int, tasks: list, "
                         "tags: list[bytes], fallback, key: bytes | None)");
         return NULL;
     }
-    PyObject *fragments = args[0], *slots = args[1], *tasks = args[5], *tags = args[6];
-    PyObject *fallback = args[7], *key = args[8];
+    PyObject *fragments = args[0], *slots = args[1], *fallback = args[7], *key = args[8];
     const char *head = PyBytes_AS_STRING(args[2]), *tail = PyBytes_AS_STRING(args[3]);
     Py_ssize_t head_n = PyBytes_GET_SIZE(args[2]), tail_n = PyBytes_GET_SIZE(args[3]);
     Py_ssize_t maxsize = PyLong_AsSsize_t(args[4]);
     if (maxsize == -1 && PyErr_Occurred()) return NULL;
-    Py_ssize_t nslots = PyBytes_GET_SIZE(slots), n = PyList_GET_SIZE(tasks);
+    if (maxsize < 0 || maxsize > PY_SSIZE_T_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "encode_each: maxsize out of range");
+        return NULL;
+    }
+    Py_ssize_t nslots = PyBytes_GET_SIZE(slots), n = PyList_GET_SIZE(args[5]);
     const unsigned char *slot = (const unsigned char *)PyBytes_AS_STRING(slots);
-    if (PyTuple_GET_SIZE(fragments) != nslots + 1 || PyList_GET_SIZE(tags) != n) {
+    if (PyTuple_GET_SIZE(fragments) != nslots + 1 || PyList_GET_SIZE(args[6]) != n) {
         PyErr_SetString(PyExc_ValueError, "encode_each: fragments, slots and tags disagree");
         return NULL;
     }
@@ -351,26 +357,38 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
         }
         constant += PyBytes_GET_SIZE(f);
     }
+    /* Tuples of the tasks and tags: the fallback runs Python code, which must not be able
+     * to change or free what this loop holds. */
+    PyObject *tasks = PyList_AsTuple(args[5]), *tags = PyList_AsTuple(args[6]);
     char *repr = PyMem_Malloc((size_t)maxsize + 1);
     Py_ssize_t body_cap = 0;
     char *body = NULL;
-    char number[32];
+    char number[64];
     Out o = {NULL, NULL, 0};
-    if (repr == NULL) goto fail;
+    PyObject *result = NULL;
+    if (tasks == NULL || tags == NULL) goto fail;
+    if (repr == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     if (key == Py_None) {
-        if ((o.list = PyList_New(n)) == NULL) goto fail;
+        /* appended as built: no list with empty slots while the fallback runs */
+        if ((o.list = PyList_New(0)) == NULL) goto fail;
     } else {
         Py_ssize_t key_n = PyBytes_GET_SIZE(key);
-        if ((o.packed = PyBytes_FromStringAndSize(NULL, n * (constant + 1024) + key_n + 64)) == NULL)
-            goto fail;
+        /* a first guess; the command grows as it is written */
+        Py_ssize_t guess = constant + 1024 < (PY_SSIZE_T_MAX - key_n - 64) / (n + 1)
+                           ? n * (constant + 1024) + key_n + 64 : key_n + 64;
+        if ((o.packed = PyBytes_FromStringAndSize(NULL, guess)) == NULL) goto fail;
         int len = snprintf(number, sizeof number, "*%zd\r\n$5\r\nLPUSH\r\n$%zd\r\n", n + 2, key_n);
-        if (put(&o, number, len) || put(&o, PyBytes_AS_STRING(key), key_n) || put(&o, "\r\n", 2))
+        if (len < 0 || len >= (int)sizeof number || put(&o, number, len) ||
+            put(&o, PyBytes_AS_STRING(key), key_n) || put(&o, "\r\n", 2))
             goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         /* a Task: (task_id, topic, [raw], [obj], ids) */
-        PyObject *task = PyList_GET_ITEM(tasks, i), *tag = PyList_GET_ITEM(tags, i);
-        PyObject *raws = PyTuple_Check(task) && PyTuple_GET_SIZE(task) >= 3
+        PyObject *task = PyTuple_GET_ITEM(tasks, i), *tag = PyTuple_GET_ITEM(tags, i);
+        PyObject *raws = PyTuple_Check(task) && PyTuple_GET_SIZE(task) == 5
                          ? PyTuple_GET_ITEM(task, 2) : NULL;
         if (raws == NULL || !PyList_Check(raws) || PyList_GET_SIZE(raws) != 1 ||
             !PyBytes_Check(PyList_GET_ITEM(raws, 0)) || !PyBytes_Check(tag)) {
@@ -389,7 +407,10 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
             PyMem_Free(body);
             body_cap = plain_n * 2;
             body = PyMem_Malloc((size_t)body_cap);
-            if (body == NULL) goto fail;
+            if (body == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
         }
         memcpy(body, head, (size_t)head_n);
         memcpy(body + head_n, raw, (size_t)raw_n);
@@ -427,7 +448,8 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
             w = envelope == NULL ? NULL : PyBytes_AS_STRING(envelope);
         } else {
             int len = snprintf(number, sizeof number, "$%zd\r\n", total);
-            w = put(&o, number, len) ? NULL : reserve(&o, total + 2);
+            w = len < 0 || len >= (int)sizeof number || put(&o, number, len)
+                ? NULL : reserve(&o, total + 2);
         }
         if (w == NULL) {
             Py_XDECREF(slow);
@@ -452,23 +474,25 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
         }
         Py_XDECREF(slow);
         if (o.list != NULL) {
-            PyList_SET_ITEM(o.list, i, envelope);
+            int rc = PyList_Append(o.list, envelope);
+            Py_DECREF(envelope);
+            if (rc < 0) goto fail;
         } else {
             memcpy(w, "\r\n", 2);
             o.used += w + 2 - start;
         }
     }
-    PyMem_Free(repr);
-    PyMem_Free(body);
-    if (o.list != NULL) return o.list;
-    if (_PyBytes_Resize(&o.packed, o.used) < 0) return NULL;
-    return o.packed;
+    result = o.list;
+    if (result == NULL && _PyBytes_Resize(&o.packed, o.used) == 0) result = o.packed;
+    o.list = o.packed = NULL; /* the result, or freed by _PyBytes_Resize */
 fail:
     PyMem_Free(repr);
     PyMem_Free(body);
+    Py_XDECREF(tasks);
+    Py_XDECREF(tags);
     Py_XDECREF(o.list);
     Py_XDECREF(o.packed);
-    return NULL;
+    return result;
 }
 
 static PyMethodDef methods[] = {

@@ -120,6 +120,11 @@ def record_argsrepr(raw: bytes, obj: Any, maxsize: int) -> bytes:
         text = native.argsrepr(raw, maxsize)
         if text is not None:
             return text
+    return _python_argsrepr(raw, obj, maxsize)
+
+
+def _python_argsrepr(raw: bytes, obj: Any, maxsize: int) -> bytes:
+    """:func:`record_argsrepr` where ``ingestd._native`` does not answer."""
     record = obj if type(obj) is dict else msgspec.json.decode(raw)
     return orjson.dumps(argsrepr([record], maxsize, few_brackets(raw)))
 
@@ -289,4 +294,4 @@ class RedisEnvelopes:
         maxsize = c.argsrepr_maxsize
         return (self._fragments, self._slots, c.body_head + b"[", b"]" + c.body_tail, maxsize,
                 list(tasks), list(tags),
-                lambda task: record_argsrepr(task[2][0], task[3][0], maxsize))
+                lambda task: _python_argsrepr(task[2][0], task[3][0], maxsize))

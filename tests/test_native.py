@@ -15,6 +15,7 @@ as producers write them (any white space, any number notation, escapes):
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import msgspec
 import orjson
@@ -148,11 +149,12 @@ def test_argsrepr_leaves_the_rest_to_python(raw: bytes, why: str) -> None:
     assert native.argsrepr(raw, 1024) is None, why
 
 
-def test_argsrepr_leaves_integers_repr_refuses_to_python() -> None:
-    """Python prints no int of more than 4300 digits (``sys.int_info``): neither does C."""
+def test_argsrepr_leaves_long_integers_to_python() -> None:
+    """Python prints no int longer than its limit (``sys.set_int_max_str_digits``: 4300 by
+    default, never below 640): C answers only below the lowest limit."""
     assert native is not None
-    assert native.argsrepr(b'{"n": ' + b"7" * 4300 + b"}", 10_000) is not None
-    assert native.argsrepr(b'{"n": ' + b"7" * 4301 + b"}", 10_000) is None
+    assert native.argsrepr(b'{"n": ' + b"7" * 640 + b"}", 10_000) is not None
+    assert native.argsrepr(b'{"n": ' + b"7" * 641 + b"}", 10_000) is None
 
 
 @pytest.mark.parametrize("pad", range(1000, 1030))
@@ -209,6 +211,59 @@ def test_lpush_each_grows_its_buffer() -> None:
     tags = codec.delivery_tags(len(tasks))
     assert env.lpush_each(b"celery", tasks, tags) == dispatch.pack_lpush(
         b"celery", env.encode_each(tasks, tags))
+
+
+def test_encode_each_holds_its_inputs_while_the_fallback_runs() -> None:
+    """The fallback is Python code: whatever it does to the lists handed over, C keeps what
+    it was given (a fallback clearing them once freed the tasks under C's feet)."""
+    assert native is not None
+    app = Celery("ingestd-test", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    env = codec.RedisEnvelopes(codec.MessageBuilder(codec.capture(app, "t", "celery")))
+    raws = [b'{"a": "it\'s"}', b'{"b": "\\u00e9"}']  # both need the Python path
+    tasks = [dispatch.Task(f"t-0-{i}", "t", [raw], [None]) for i, raw in enumerate(raws)]
+    tags = codec.delivery_tags(len(tasks))
+    expected = env.encode_each(tasks, tags)
+    fragments, slots, head, tail, maxsize, *_ = env._native_args(tasks, tags)
+    for key in (None, b"celery"):
+        # Objects that only these lists hold: cleared, they are freed at once.
+        given: list[Any] = [dispatch.Task(t.task_id, t.topic, [b"%b" % t.raws[0]], [None])
+                            for t in tasks]
+        given_tags = [b"%b" % tag for tag in tags]
+
+        def hostile(task: dispatch.Task, given: list[Any] = given,
+                    given_tags: list[bytes] = given_tags) -> bytes:
+            given.clear()
+            given_tags.clear()
+            return codec.record_argsrepr(task.raws[0], None, maxsize)
+
+        got = native.encode_each(fragments, slots, head, tail, maxsize, given, given_tags,
+                                 hostile, key)
+        assert got == (expected if key is None else dispatch.pack_lpush(key, expected))
+
+
+def test_encode_each_refuses_bad_arguments_with_an_exception(
+        envelopes: codec.RedisEnvelopes) -> None:
+    assert native is not None
+    tasks = [dispatch.Task("t-0-0", "t", [b'{"a": 1}'], [None])]
+    fragments, slots, head, tail, _, _, tags, fallback = envelopes._native_args(
+        tasks, codec.delivery_tags(1))
+    for maxsize in (-5, 2**62):
+        with pytest.raises(ValueError):
+            native.encode_each(fragments, slots, head, tail, maxsize, tasks, tags, fallback,
+                               None)
+    with pytest.raises(TypeError):
+        native.encode_each(fragments, slots, head, tail, 1024, [("t-0-0", "t")], tags,
+                           fallback, None)
+
+
+def test_lpush_each_with_a_long_key(envelopes: codec.RedisEnvelopes) -> None:
+    """The command's header is printed into a fixed buffer: a long key and many records."""
+    raws = [b'{"i": %d}' % i for i in range(3000)]
+    tasks = [dispatch.Task(f"t-0-{i}", "t", [raw], [None]) for i, raw in enumerate(raws)]
+    tags = codec.delivery_tags(len(tasks))
+    key = b"k" * 100_000
+    assert envelopes.lpush_each(key, tasks, tags) == dispatch.pack_lpush(
+        key, envelopes.encode_each(tasks, tags))
 
 
 def test_encode_each_decodes_what_a_typed_validator_did_not(
