@@ -151,18 +151,40 @@ static int literal(State *s, const char *json, const char *python) {
     return emit(s, python, (Py_ssize_t)strlen(python));
 }
 
+/* A container's opening bracket: 1 when it closes at once (empty), 0 when items
+ * follow, -1 where the Python path must answer. */
+static int open_container(State *s, const char *open, char close) {
+    s->p++;
+    if (emit(s, open, 1)) return -1;
+    skip_ws(s);
+    if (s->p < s->end && *s->p == close) {
+        s->p++;
+        return emit(s, s->p - 1, 1) ? -1 : 1;
+    }
+    return 0;
+}
+
+/* After an item: 1 when a comma says another follows, 0 when the container closes,
+ * -1 where the Python path must answer. */
+static int after_item(State *s, char close) {
+    skip_ws(s);
+    if (s->p < s->end && *s->p == ',') {
+        s->p++;
+        return emit(s, ", ", 2) ? -1 : 1;
+    }
+    if (s->p < s->end && *s->p == close) {
+        s->p++;
+        return emit(s, s->p - 1, 1) ? -1 : 0;
+    }
+    return -1;
+}
+
 static int object(State *s, int depth) {
     const char *keys[MAX_KEYS];
     Py_ssize_t lens[MAX_KEYS];
-    int count = 0;
-    s->p++;
-    if (emit(s, "{", 1)) return -1;
-    skip_ws(s);
-    if (s->p < s->end && *s->p == '}') {
-        s->p++;
-        return emit(s, "}", 1);
-    }
-    for (;;) {
+    int count = 0, more = open_container(s, "{", '}');
+    if (more != 0) return more < 0 ? -1 : 0;
+    do {
         skip_ws(s);
         if (s->p >= s->end || *s->p != '"' || count == MAX_KEYS) return -1;
         if (string(s, &keys[count], &lens[count])) return -1;
@@ -174,42 +196,17 @@ static int object(State *s, int depth) {
         if (s->p >= s->end || *s->p != ':') return -1;
         s->p++;
         if (emit(s, ": ", 2) || value(s, depth + 1)) return -1;
-        skip_ws(s);
-        if (s->p < s->end && *s->p == ',') {
-            s->p++;
-            if (emit(s, ", ", 2)) return -1;
-            continue;
-        }
-        if (s->p < s->end && *s->p == '}') {
-            s->p++;
-            return emit(s, "}", 1);
-        }
-        return -1;
-    }
+    } while ((more = after_item(s, '}')) == 1);
+    return more;
 }
 
 static int array(State *s, int depth) {
-    s->p++;
-    if (emit(s, "[", 1)) return -1;
-    skip_ws(s);
-    if (s->p < s->end && *s->p == ']') {
-        s->p++;
-        return emit(s, "]", 1);
-    }
-    for (;;) {
+    int more = open_container(s, "[", ']');
+    if (more != 0) return more < 0 ? -1 : 0;
+    do {
         if (value(s, depth + 1)) return -1;
-        skip_ws(s);
-        if (s->p < s->end && *s->p == ',') {
-            s->p++;
-            if (emit(s, ", ", 2)) return -1;
-            continue;
-        }
-        if (s->p < s->end && *s->p == ']') {
-            s->p++;
-            return emit(s, "]", 1);
-        }
-        return -1;
-    }
+    } while ((more = after_item(s, ']')) == 1);
+    return more;
 }
 
 /* depth: the record is 1. saferepr shows three levels of [record]: containers may

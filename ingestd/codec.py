@@ -241,6 +241,8 @@ class RedisEnvelopes:
         # ... or, for ingestd._native.encode_each, the fragments and the slots' numbers
         self._fragments = tuple(fragments)
         self._slots = bytes(self._SLOTS.index(s) for s in slots)
+        # An each-mode body around the record's bytes: [[record], {}, embed]
+        self._head, self._tail = c.body_head + b"[", b"]" + c.body_tail
 
     def encode_batch(self, task_id: str, raws: Sequence[bytes], args: list[Any],
                      delivery_tag: bytes, ids: Sequence[str]) -> bytes:
@@ -265,8 +267,7 @@ class RedisEnvelopes:
         if native is not None:
             envelopes: list[bytes] = native.encode_each(*self._native_args(tasks, tags), None)
             return envelopes
-        c = self.b.c
-        head, tail, maxsize = c.body_head + b"[", b"]" + c.body_tail, c.argsrepr_maxsize
+        head, tail, maxsize = self._head, self._tail, self.b.c.argsrepr_maxsize
         fmt, pick, b64, slow = self._format, self._pick, binascii.b2a_base64, record_argsrepr
         out: list[bytes] = []
         add = out.append
@@ -290,8 +291,7 @@ class RedisEnvelopes:
             tuple[bytes, ...], bytes, bytes, bytes, int, list[Any], list[bytes],
             Callable[[Any], bytes]]:
         """``native.encode_each``'s arguments but the key."""
-        c = self.b.c
-        maxsize = c.argsrepr_maxsize
-        return (self._fragments, self._slots, c.body_head + b"[", b"]" + c.body_tail, maxsize,
+        maxsize = self.b.c.argsrepr_maxsize
+        return (self._fragments, self._slots, self._head, self._tail, maxsize,
                 list(tasks), list(tags),
                 lambda task: _python_argsrepr(task[2][0], task[3][0], maxsize))
