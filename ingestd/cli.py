@@ -1,4 +1,5 @@
-"""``ingestd``: parse the configuration, then ``--check`` or run the supervisor."""
+"""``ingestd``: parse the configuration, then ``--check`` or run the supervisor; or one of
+the operator's commands, ``ingestd replay`` and ``ingestd status``."""
 
 from __future__ import annotations
 
@@ -15,10 +16,18 @@ from ingestd.errors import ConfigError, ExitCode, IngestdError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["status"]:
+        from ingestd import status
+
+        return status.main(args[1:])
+    if args[:1] == ["replay"]:
+        from ingestd import replay
+
+        return replay.main(args[1:])
     # Signals stay blocked until the supervisor's handlers are installed.
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                               signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU))
-    args = sys.argv[1:] if argv is None else list(argv)
     try:
         loaded = cfg.load(args)
         logs.configure(loaded.config.log_format, loaded.config.log_level)
@@ -88,7 +97,7 @@ def supervise(loaded: cfg.Loaded, args: list[str]) -> int:
     try:
         if loaded.config.metrics_addr:
             try:
-                http.serve(loaded.config.metrics_addr, sup.alive, sup.readiness)
+                http.serve(loaded.config.metrics_addr, sup.alive, sup.readiness, sup.detail)
             except OSError as exc:
                 log.error("cannot serve metrics on %s: %s", loaded.config.metrics_addr,
                           exc.strerror)

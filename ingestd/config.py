@@ -14,7 +14,7 @@ import re
 import socket
 import sys
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -65,14 +65,14 @@ def _host_port(v: str) -> str | None:
     return None if sep and port.isdigit() else "HOST:PORT, or \"\" to disable"
 
 
-def _topic(v: str) -> str | None:
+def topic_problem(v: str) -> str | None:
     # Kafka's own rule; task ids embed the name, and codec relies on it needing no escaping.
     return None if re.fullmatch(r"[a-zA-Z0-9._-]{1,249}", v) else "a Kafka topic name " \
         "([a-zA-Z0-9._-], 1 to 249 characters)"
 
 
 def _dlq_topic(v: str | None) -> str | None:
-    return None if not v else _topic(v)
+    return None if not v else topic_problem(v)
 
 
 # Consumer properties ingestd sets itself: its guarantees (at-least-once, the
@@ -170,7 +170,8 @@ class Config:
         lambda: os.cpu_count() or 1, parse=int, metavar="N", check=_positive,
         default_doc="number of CPUs", help="worker processes")
     topic: tuple[str, ...] = setting(
-        ("pulse_signals",), metavar="T", repeatable=True, legacy_env="KAFKA_TOPIC", check=_topic,
+        ("pulse_signals",), metavar="T", repeatable=True, legacy_env="KAFKA_TOPIC",
+        check=topic_problem,
         help="source topic (repeatable; comma-separated in the environment)")
     bootstrap_servers: str = setting(
         "localhost:9092", metavar="HOSTS", legacy_env="KAFKA_BOOTSTRAP", help="Kafka bootstrap")
@@ -357,14 +358,23 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ingestd", description="Move signals from Kafka into Celery.",
-                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+def build_parser(prog: str = "ingestd", description: str = "Move signals from Kafka into "
+                 "Celery.", only: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The daemon's parser; or, for a command that shares the daemon's configuration
+    (``ingestd replay``), one with only the settings ``only`` names, and ``--config``.
+    Every setting still comes from the environment and the TOML file."""
+    p = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                allow_abbrev=False, epilog=None if only is not None else
+                "commands: 'ingestd status' shows what a running ingestd does; 'ingestd "
+                "replay' sends dead letters back (each with --help)")
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below")
-    p.add_argument("--check", action="store_true",
-                   help="validate, reach Kafka and the Celery broker, print the effective "
-                        "configuration, exit 0/1")
+    if only is None:
+        p.add_argument("--check", action="store_true",
+                       help="validate, reach Kafka and the Celery broker, print the effective "
+                            "configuration, exit 0/1")
     for f in SETTINGS:
+        if only is not None and f.name not in only:
+            continue
         spec = spec_of(f)
         names = [spec.short, flag_of(f)] if spec.short else [flag_of(f)]
         default = spec.default_doc or default_of(f)
@@ -463,12 +473,16 @@ class Loaded:
     sources: Mapping[str, str]
     check: bool = False
     config_file: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # a command's own options
 
 
-def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Loaded:
-    """Parse the command line, environment and TOML file into a :class:`Config`."""
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+         parser: argparse.ArgumentParser | None = None) -> Loaded:
+    """Parse the command line, environment and TOML file into a :class:`Config`; a
+    ``parser`` of a command's own also fills :attr:`Loaded.options` with what it adds."""
     env = os.environ if environ is None else environ
-    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else list(argv)))
+    parser = parser or build_parser()
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
     config_file = args.pop("config", None) or env.get("INGESTD_CONFIG") or None
     check = bool(args.pop("check", False))
     file_values = read_toml(config_file) if config_file else {}
@@ -493,7 +507,9 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     config = Config(**values)
     if not config.topic:
         raise ConfigError("topic: expected at least one topic")
-    return Loaded(config, sources, check, config_file)
+    names = {f.name for f in SETTINGS}
+    options = {k: v for k, v in args.items() if k not in names}
+    return Loaded(config, sources, check, config_file, options)
 
 
 def describe(loaded: Loaded) -> list[str]:

@@ -31,6 +31,9 @@ VALUE_OMITTED, KEY_OMITTED, HEADERS_OMITTED = \
 HEADERS = (ERROR, DETAIL, TOPIC, PARTITION, OFFSET, TIMESTAMP, GROUP,
            VALUE_OMITTED, KEY_OMITTED, HEADERS_OMITTED)
 _OWN = frozenset(HEADERS)
+# Written by ``ingestd replay`` on each record it sends back: how often the record was
+# replayed. A record's own header, kept when it is dead-lettered again.
+REPLAY_COUNT = "ingestd.replay.count"
 
 Headers = list[tuple[str, str | bytes | None]]
 FULL, NO_VALUE, BARE = 0, 1, 2  # how much of the record a letter still carries
@@ -73,6 +76,20 @@ class DeadLetter:
                     (HEADERS_OMITTED, str(len(theirs)).encode())]
             key, theirs = None, []
         return key, value, theirs + own
+
+
+def split(headers: Headers | None) -> tuple[dict[str, str], Headers]:
+    """A dead letter's headers as ingestd's own (name -> text) and the record's (the
+    inverse of :meth:`DeadLetter.record`)."""
+    own: dict[str, str] = {}
+    theirs: Headers = []
+    for key, value in headers or ():
+        if key in _OWN:
+            own[key] = value.decode(errors="replace") if isinstance(value, bytes) else \
+                (value or "")
+        else:
+            theirs.append((key, value))
+    return own, theirs
 
 
 class DeadLetterProducer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -16,13 +17,16 @@ log = logs.get("http")
 
 
 def serve(addr: str, alive: Callable[[], bool],
-          readiness: Callable[[], tuple[bool, dict[str, str]]]) -> ThreadingHTTPServer:
-    """Start the server on a daemon thread and return it."""
+          readiness: Callable[[], tuple[bool, dict[str, str]]],
+          detail: Callable[[], dict[str, Any]] = dict) -> ThreadingHTTPServer:
+    """Start the server on a daemon thread and return it. /readyz's body: ``ready`` and
+    ``workers`` (each failing worker and why); ``/readyz?verbose`` adds ``detail`` (every
+    slot's pid, state and restarts)."""
     host, _, port = addr.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path == "/metrics":
                 registry = CollectorRegistry()  # fresh per scrape, as multiprocess mode wants
                 MultiProcessCollector(registry)
@@ -34,7 +38,10 @@ def serve(addr: str, alive: Callable[[], bool],
                 self._send(200 if ok else 503, b"ok\n" if ok else b"supervisor loop stalled\n")
             elif path == "/readyz":
                 ok, problems = readiness()
-                body = orjson.dumps({"ready": ok, "workers": problems})
+                doc: dict[str, Any] = {"ready": ok, "workers": problems}
+                if "verbose" in query.split("&"):  # as Kubernetes' /readyz?verbose
+                    doc["detail"] = detail()
+                body = orjson.dumps(doc)
                 self._send(200 if ok else 503, body, "application/json")
             else:
                 self._send(404, b"not found\n")

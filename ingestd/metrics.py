@@ -40,6 +40,12 @@ backpressure_paused = Gauge("ingestd_backpressure_paused",
 workers_alive = Gauge("ingestd_workers_alive", "Worker processes alive",
                       multiprocess_mode="livemax")
 worker_restarts = Counter("ingestd_worker_restarts_total", "Workers replaced after they died")
+# Per worker, for `ingestd status`: which slot owns which partition, and what each dispatched.
+worker_dispatched = Counter("ingestd_worker_dispatched_total",
+                            "Signals accepted by the Celery broker, by worker slot", ["slot"])
+assigned_partitions = Gauge("ingestd_assigned_partitions",
+                            "1 for each partition a live worker owns",
+                            ["slot", "topic", "partition"], multiprocess_mode="livesum")
 unowned_partitions = Gauge("ingestd_unowned_partitions",
                            "Partitions of a subscribed topic that no member of the group owns",
                            ["topic"], multiprocess_mode="livemax")

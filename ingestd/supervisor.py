@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ingestd import logs
 from ingestd.config import Config, Loaded, summary
@@ -69,6 +70,7 @@ class Supervisor:
         self.suspects = Suspects()  # what dead workers held; what is quarantined
         self.failures: dict[int, int] = {}  # slot -> failures in a row
         self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row soon after start
+        self.restarts: dict[int, int] = {}  # slot -> times replaced after it died
         self.next_spawn: dict[int, float] = {}
         self.exit_code: int | None = None  # set when the loop should end
         self.draining_until: float | None = None
@@ -249,6 +251,7 @@ class Supervisor:
             streak = max(self.failures[handle.slot], self.quick_deaths[handle.slot])
             delay = min(MAX_RESTART_BACKOFF, 0.5 * 2 ** (streak - 1))
             self.next_spawn[handle.slot] = time.monotonic() + delay
+            self.restarts[handle.slot] = self.restarts.get(handle.slot, 0) + 1
             _count_restart()
             log.warning("worker %d (pid %d) died (%s); restarting in %.1fs", handle.slot, pid,
                         _describe_exit(code), delay)
@@ -430,6 +433,27 @@ class Supervisor:
         if ownership not in (READY, STARTING):
             problems["partitions"] = ownership
         return not problems and self.draining_until is None, problems
+
+    def detail(self) -> dict[str, Any]:
+        """Every slot's process and state, for /readyz and ``ingestd status``."""
+        now = time.monotonic()
+        workers = dict(self.workers)  # the HTTP thread reads while the loop changes them
+        slots = []
+        for slot in range(max(self.target, max(workers, default=-1) + 1)):
+            handle = workers.get(slot)
+            if handle is None:
+                state = "not running"
+            elif handle.stopping_since is not None:
+                state = "stopping"
+            elif handle.heartbeat.age() > self.config.worker_timeout:
+                state = f"no heartbeat for {handle.heartbeat.age():.0f}s"
+            else:
+                state = handle.heartbeat.status()
+            slots.append({"slot": slot, "pid": handle.pid if handle else None, "state": state,
+                          "restarts": self.restarts.get(slot, 0),
+                          "uptime_seconds": round(now - handle.started, 1) if handle else None})
+        return {"target": self.target, "draining": self.draining_until is not None,
+                "workers": slots}
 
     def alive(self) -> bool:
         return time.monotonic() - self.last_loop < 10 * LOOP_INTERVAL + 5

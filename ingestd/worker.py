@@ -464,6 +464,7 @@ class Worker:
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
         """New partitions start paused while any pause reason holds."""
+        self._owned(partitions, True)
         if self.paused_by:
             self.consumer.pause(partitions)
 
@@ -484,9 +485,20 @@ class Worker:
         otherwise go out ahead of the ones before them, which the new assignment fetches
         again from the committed offset, and the stored offset would pass them."""
         self.offsets.forget(partitions)
+        self._owned(partitions, False)
         gone = {(tp.topic, tp.partition) for tp in partitions}
         if gone and self.carry:
             self.carry = [m for m in self.carry if (m.topic(), m.partition()) not in gone]
+
+    def _owned(self, partitions: list[TopicPartition], owned: bool) -> None:
+        """What ``ingestd status`` shows: which partitions this worker owns. A partition
+        given up shows no lag here any more (another worker reports it)."""
+        slot = str(self.slot)
+        for tp in partitions:
+            self.metrics.assigned_partitions.labels(slot, tp.topic, str(tp.partition)).set(
+                1 if owned else 0)
+            if not owned:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(0)
 
     # --- state ------------------------------------------------------------
 
@@ -545,6 +557,8 @@ class Worker:
             dispatched[task.topic] = dispatched.get(task.topic, 0) + len(task.raws)
         for topic, n in dispatched.items():
             m.dispatched.labels(topic, self.task_name).inc(n)
+        if dispatched:
+            m.worker_dispatched.labels(str(self.slot)).inc(sum(dispatched.values()))
         invalid: dict[tuple[str, str], int] = {}
         for letter in batch.letters:
             key = (letter.topic, letter.reason)

@@ -19,9 +19,8 @@ from pathlib import Path
 import redis
 from confluent_kafka import KafkaException
 
-from ingestd import reference_tasks
+from ingestd import checker, reference_tasks
 from tests import stack
-from tests.faults import checker
 
 PARTITIONS = 4
 BATCH = 500

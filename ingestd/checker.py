@@ -1,4 +1,5 @@
-"""One verdict for every fault scenario: what was lost, repeated, misrouted or over-committed.
+"""One verdict for a run (every fault scenario, and the demo): what was lost, repeated, misrouted
+or over-committed.
 
 Modelled on Kafka's OffsetValidationTest (no gaps in what was consumed, and no
 committed offset beyond it) and on Jepsen's queue checkers (lost, duplicated,

@@ -1,0 +1,369 @@
+"""``ingestd replay``: send dead letters back once their cause is fixed.
+
+It reads the dead-letter topic as the consumer group ``ingestd-replay-<dlq>``, from
+that group's committed offsets up to the high watermarks it saw at start, so an
+interrupted replay resumes where it stopped. Each letter it selects (``--reason``,
+``--partition``, ``--offset-range``, by the source coordinates in its headers) is
+checked against the current ``--schema`` and record limits, unless ``--all``; one
+that passes is produced, with its original key, value and headers, to its source
+topic (or ``--to``), by an idempotent producer, with ``ingestd.replay.count`` one
+higher. A letter replayed ``--max-replays`` times already is skipped, so nothing
+loops forever.
+
+A batch's offsets are committed only after Kafka acknowledged every record
+produced from it: a stop (TERM, INT) finishes the batch, commits and exits, and
+the next run produces nothing twice. A kill -9 may repeat the last batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from ingestd import config as cfg
+from ingestd import dlq, kafka, logs
+from ingestd.errors import ConfigError, ExitCode, RecordError
+from ingestd.schema import REASONS, Validator
+
+# The daemon's settings that replay uses: it shares the daemon's --config file.
+SETTINGS = ("topic", "bootstrap_servers", "dlq_topic", "schema", "max_record_bytes",
+            "max_record_items", "batch_size", "kafka_property", "log_format", "log_level")
+KAFKA_TIMEOUT = 15.0
+FLUSH_TIMEOUT = 60.0
+PROGRESS_INTERVAL = 1.0
+# Why a selected letter was not replayed, besides being still invalid.
+LIMIT, OMITTED, NO_SOURCE = "at the replay limit", "without its value", "without a source topic"
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+
+
+def group_of(dlq_topic: str) -> str:
+    """The consumer group whose committed offsets say how far replay has come."""
+    return f"ingestd-replay-{dlq_topic}"
+
+
+def _offset_range(text: str) -> tuple[int, int | None]:
+    """``FROM-TO`` (inclusive), ``FROM-`` or ``-TO``, or one offset."""
+    low, sep, high = text.partition("-")
+    try:
+        first = int(low) if low.strip() else 0
+        last = (int(high) if high.strip() else None) if sep else first
+    except ValueError:
+        first, last = -1, None
+    if first < 0 or (last is not None and last < first):
+        raise argparse.ArgumentTypeError(f"bad value {text!r}, expected FROM-TO, FROM- or -TO "
+                                         "(source offsets, inclusive)")
+    return first, last
+
+
+def _partitions(text: str) -> frozenset[int]:
+    try:
+        parts = cfg.parse_partitions(text)
+    except ValueError:
+        parts = None
+    if parts is None:
+        raise argparse.ArgumentTypeError(f"bad value {text!r}, expected a list of partitions "
+                                         "and ranges, e.g. 0-5,8")
+    return parts
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"bad value {text!r}, expected a whole number >= 1")
+    return n
+
+
+def _topic(text: str) -> str:
+    expected = cfg.topic_problem(text)
+    if expected:
+        raise argparse.ArgumentTypeError(f"bad value {text!r}, expected {expected}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cfg.build_parser(
+        prog="ingestd replay", only=SETTINGS,
+        description="Send dead letters back to their source topic: those that pass the "
+                    "current --schema and limits, or every one selected (--all).")
+    p.add_argument("--reason", action="append", choices=REASONS, default=[],
+                   help="select letters of this ingestd.error (repeatable; default: all)")
+    p.add_argument("--partition", type=_partitions, metavar="LIST", default=None,
+                   help="select letters from these source partitions, e.g. 0-5,8")
+    p.add_argument("--offset-range", type=_offset_range, metavar="FROM-TO", default=None,
+                   help="select letters from these source offsets (inclusive; FROM- or -TO "
+                        "leave one end open)")
+    p.add_argument("--all", action="store_true", default=False,
+                   help="replay every selected letter, without checking it first")
+    p.add_argument("--to", type=_topic, metavar="TOPIC", default=None,
+                   help="produce to this topic instead of each letter's source topic")
+    p.add_argument("--max-replays", type=_at_least_one, metavar="N", default=3,
+                   help="skip a letter already replayed this often (ingestd.replay.count); "
+                        "default 3")
+    p.add_argument("--dry-run", action="store_true", default=False,
+                   help="produce nothing, commit nothing: count what would be replayed")
+    p.add_argument("--from-beginning", action="store_true", default=False,
+                   help="start at the topic's first letter, not where the last replay stopped")
+    return p
+
+
+@dataclass
+class Counts:
+    selected: int = 0
+    replayed: int = 0  # delivered (in a dry run: would be produced)
+    invalid: collections.Counter[str] = field(default_factory=collections.Counter)
+    skipped: collections.Counter[str] = field(default_factory=collections.Counter)
+    read: int = 0
+
+    def summary(self) -> str:
+        invalid = sum(self.invalid.values())
+        by_reason = ", ".join(f"{r} {n}" for r, n in sorted(self.invalid.items()))
+        return (f"replay: selected {self.selected}, replayed {self.replayed}, still invalid "
+                f"{invalid}{f' ({by_reason})' if by_reason else ''}, skipped "
+                f"{sum(self.skipped.values())}")
+
+
+@dataclass(frozen=True)
+class Options:
+    reasons: frozenset[str]
+    partitions: frozenset[int] | None
+    offsets: tuple[int, int | None] | None
+    replay_all: bool
+    to: str | None
+    max_replays: int
+    dry_run: bool
+    from_beginning: bool
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> Options:
+        return cls(frozenset(options["reason"]), options["partition"], options["offset_range"],
+                   options["all"], options["to"], options["max_replays"], options["dry_run"],
+                   options["from_beginning"])
+
+    def selects(self, own: dict[str, str]) -> bool:
+        """Whether the letter whose ingestd headers are ``own`` is selected."""
+        if self.reasons and own.get(dlq.ERROR) not in self.reasons:
+            return False
+        if self.partitions is not None and _int(own.get(dlq.PARTITION)) not in self.partitions:
+            return False
+        if self.offsets is not None:
+            offset = _int(own.get(dlq.OFFSET))
+            first, last = self.offsets
+            if offset is None or offset < first or (last is not None and offset > last):
+                return False
+        return True
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+class Replay:
+    """One run over the dead-letter topic, up to the watermarks seen at start."""
+
+    def __init__(self, config: cfg.Config, options: Options) -> None:
+        self.topic = config.dead_letter_topic
+        if not self.topic:
+            raise ConfigError('dlq-topic: "" disables dead-lettering: there is nothing to '
+                              "replay")
+        self.options = options
+        self.group = group_of(self.topic)
+        self.validator = None if options.replay_all else Validator(
+            config.schema, config.max_record_bytes, config.max_record_items)
+        self.batch_size = config.batch_size
+        self.counts = Counts()
+        self.errors: list[str] = []
+        self.stopped_by: str | None = None
+        self.consumer = Consumer({
+            **kafka.admin_config(config), "group.id": self.group,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "enable.partition.eof": True, "logger": LIBRDKAFKA_LOG})
+        self.producer = None if options.dry_run else Producer(
+            {**kafka.producer_config(config), "logger": LIBRDKAFKA_LOG})
+        self.progress = sys.stderr.isatty()
+
+    def stop(self, signum: int, _frame: object) -> None:
+        self.stopped_by = signal.Signals(signum).name
+
+    def run(self) -> int:
+        ends = self._ends()
+        if ends is None:
+            return ExitCode.RUNTIME
+        pending = {p for p, (start, end) in ends.items() if start < end}
+        if pending:
+            self.consumer.assign([TopicPartition(self.topic, p, ends[p][0]) for p in pending])
+        total = sum(end - max(start, 0) for start, end in ends.values() if start < end)
+        next_progress = time.monotonic() + PROGRESS_INTERVAL
+        while pending and self.stopped_by is None and not self.errors:
+            messages = self.consumer.consume(self.batch_size, 0.5)
+            positions: dict[int, int] = {}
+            for msg in messages:
+                p = msg.partition()
+                assert p is not None
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(p)
+                    else:
+                        logs.get("replay").warning("%s", err.str())
+                    continue
+                offset = msg.offset()
+                assert offset is not None
+                end = ends[p][1]
+                if offset >= end:  # written after the start: for a later run
+                    pending.discard(p)
+                    continue
+                positions[p] = offset + 1
+                if offset + 1 >= end:
+                    pending.discard(p)
+                self.counts.read += 1
+                self.handle(msg)
+            if self.producer is not None and positions and self._delivered():
+                self._commit(positions)
+            if self.progress and time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + PROGRESS_INTERVAL
+                print(f"{self.counts.summary()} (read {self.counts.read} of {total})",
+                      file=sys.stderr)
+        return self.finish()
+
+    def handle(self, msg: Message) -> None:
+        own, theirs = dlq.split(cast(dlq.Headers | None, msg.headers()))  # a list, as consumed
+        options = self.options
+        if not options.selects(own):
+            return
+        self.counts.selected += 1
+        count = next((_int(v.decode(errors="replace") if isinstance(v, bytes) else v) or 0
+                      for k, v in reversed(theirs) if k == dlq.REPLAY_COUNT), 0)
+        target = options.to or own.get(dlq.TOPIC)
+        if count >= options.max_replays:
+            self.counts.skipped[LIMIT] += 1
+            return
+        if dlq.VALUE_OMITTED in own:  # Kafka refused the whole record as a dead letter
+            self.counts.skipped[OMITTED] += 1
+            return
+        if not target:
+            self.counts.skipped[NO_SOURCE] += 1
+            return
+        value = msg.value()
+        if self.validator is not None:
+            try:
+                self.validator.check(value)
+            except RecordError as exc:
+                self.counts.invalid[exc.reason] += 1
+                return
+        if self.producer is None:
+            self.counts.replayed += 1
+            return
+        headers = [(k, v) for k, v in theirs if k != dlq.REPLAY_COUNT]
+        headers.append((dlq.REPLAY_COUNT, str(count + 1).encode()))
+        while True:
+            try:
+                self.producer.produce(target, value=value, key=msg.key(), headers=headers,
+                                      on_delivery=self._report)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                self.errors.append(f"{target}: {exc.args[0].str()}")
+                return
+
+    def _report(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.counts.replayed += 1
+        else:
+            self.errors.append(f"{msg.topic()}: {err.str()}")
+
+    def _delivered(self) -> bool:
+        """Wait for every delivery report of the batch; whether Kafka took them all."""
+        assert self.producer is not None
+        remaining = self.producer.flush(FLUSH_TIMEOUT)
+        if remaining:
+            self.errors.append(f"{remaining} records not acknowledged in {FLUSH_TIMEOUT:.0f}s")
+        return not self.errors
+
+    def _commit(self, positions: dict[int, int]) -> None:
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
+                                          for p, o in positions.items()], asynchronous=False)
+        except KafkaException as exc:
+            self.errors.append(f"commit to group {self.group}: {exc.args[0].str()}")
+
+    def _ends(self) -> dict[int, tuple[int, int]] | None:
+        """Each partition's first offset to read and its high watermark at start; None
+        (after one line on stderr) when Kafka cannot say."""
+        try:
+            meta = self.consumer.list_topics(self.topic, timeout=KAFKA_TIMEOUT).topics.get(
+                self.topic)
+            if meta is None or meta.error is not None:
+                why = meta.error.str() if meta is not None and meta.error else "unknown topic"
+                print(f"replay: dead-letter topic {self.topic}: {why}", file=sys.stderr)
+                return None
+            tps = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
+            committed = {tp.partition: tp.offset for tp in
+                         self.consumer.committed(tps, timeout=KAFKA_TIMEOUT)}
+            out = {}
+            for tp in tps:
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=KAFKA_TIMEOUT)
+                start = committed[tp.partition]
+                if self.options.from_beginning or start < low:
+                    start = low
+                out[tp.partition] = (start, high)
+            return out
+        except KafkaException as exc:
+            print(f"replay: {self.topic}: {exc.args[0].str()}", file=sys.stderr)
+            return None
+
+    def finish(self) -> int:
+        if self.producer is not None:
+            self.producer.flush(FLUSH_TIMEOUT)
+        self.consumer.close()
+        counts = self.counts
+        if self.options.dry_run:
+            print(f"replay: dry run: nothing produced, no offsets committed; {counts.replayed} "
+                  f"would be replayed")
+        if counts.skipped:
+            print(f"replay: skipped {sum(counts.skipped.values())}: " + ", ".join(
+                f"{n} {why}" + (f" (--max-replays {self.options.max_replays})"
+                                if why == LIMIT else "")
+                for why, n in sorted(counts.skipped.items())))
+        for error in self.errors[:5]:
+            print(f"replay: Kafka refused: {error}", file=sys.stderr)
+        if self.stopped_by:
+            print(f"replay: stopped by {self.stopped_by}; the next run resumes where this one "
+                  "stopped")
+        print(counts.summary(), flush=True)
+        return ExitCode.RUNTIME if self.errors else ExitCode.OK
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        loaded = cfg.load(argv, parser=build_parser())
+        logs.configure(loaded.config.log_format, loaded.config.log_level, role="replay")
+        replay = Replay(loaded.config, Options.of(dict(loaded.options)))
+    except ConfigError as exc:
+        print(f"ingestd replay: error: {cfg.redact(str(exc))}", file=sys.stderr)
+        return ExitCode.CONFIG
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, replay.stop)
+    return replay.run()
