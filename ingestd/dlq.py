@@ -92,6 +92,16 @@ def split(headers: Headers | None) -> tuple[dict[str, str], Headers]:
     return own, theirs
 
 
+def source(headers: Headers | None) -> tuple[str, int, int] | None:
+    """The topic, partition and offset of the record a dead letter holds; None for a
+    record that is not an ingestd dead letter."""
+    own, _ = split(headers)
+    try:
+        return own[TOPIC], int(own[PARTITION]), int(own[OFFSET])
+    except (KeyError, ValueError):
+        return None
+
+
 class DeadLetterProducer:
     """Produces a batch of dead letters and waits for every delivery report."""
 

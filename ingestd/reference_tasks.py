@@ -9,6 +9,8 @@ the task id and the score in Redis, so that callers can count what ran:
 - ``<prefix>runs``: hash, field = record id (``<topic>-<partition>-<offset>``: the task id,
   or for batch tasks each id in the ``ingestd_record_ids`` header), value = times executed,
   so that callers can tell which record ran more than once
+- ``<prefix>done``: hash, field = record id, value = when it last ran (Unix seconds), for
+  the latency from a record's Kafka timestamp to its execution
 
 The broker comes from ``CELERY_BROKER_URL`` (default ``redis://localhost:6379/0``);
 the results go to ``INGESTD_RESULTS_URL``, else to the broker when it is Redis.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,7 @@ RESULTS_PREFIX = os.environ.get("INGESTD_RESULTS_PREFIX", "ingestd:ref:")
 SCORES_KEY = RESULTS_PREFIX + "scores"
 EXECUTED_KEY = RESULTS_PREFIX + "executed"
 RUNS_KEY = RESULTS_PREFIX + "runs"
+DONE_KEY = RESULTS_PREFIX + "done"
 
 app = Celery("ingestd_reference", broker=BROKER_URL)
 app.conf.update(
@@ -94,6 +98,9 @@ def _record(scores: dict[str, float], runs: list[str]) -> None:
     pipe.incrby(EXECUTED_KEY, len(scores))
     for record_id in runs:
         pipe.hincrby(RUNS_KEY, record_id, 1)
+    if runs:
+        now = repr(time.time())
+        pipe.hset(DONE_KEY, mapping=dict.fromkeys(runs, now))
     pipe.execute()
 
 

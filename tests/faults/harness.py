@@ -20,6 +20,7 @@ import redis
 from confluent_kafka import KafkaException
 
 from ingestd import checker, reference_tasks
+from ingestd.dlq import source as source_of
 from tests import stack
 
 PARTITIONS = 4
@@ -223,9 +224,9 @@ class Run:
         total = sum(stack.end_offsets(self.dlq, 1, self.bootstrap).values())
         out = []
         for msg in stack.consume_all(self.dlq, total, bootstrap=self.bootstrap):
-            headers = {k: v.decode() for k, v in msg.headers() or []}
-            out.append((headers["ingestd.source.topic"], int(headers["ingestd.source.partition"]),
-                        int(headers["ingestd.source.offset"])))
+            record = source_of(msg.headers())
+            assert record is not None, msg.headers()
+            out.append(record)
         assert len(out) == total, f"read {len(out)} of {total} dead letters"
         return out
 
