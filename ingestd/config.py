@@ -535,3 +535,19 @@ def options_table() -> str:
         rows.append(f"| {flag}`{flag_of(f)}{arg}` | `{env_of(f)}` | {default} | "
                     f"{spec.help.replace('%%', '%')} |")
     return "\n".join(rows)
+
+
+def command_table(parser: argparse.ArgumentParser) -> str:
+    """The README's table of a command's own options (``ingestd replay``, ``ingestd
+    status``); the daemon's settings it shares are in :func:`options_table`."""
+    settings = {flag_of(f) for f in SETTINGS} | {"--config", "--help"}
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for action in parser._actions:
+        flag = max(action.option_strings, key=len, default="")
+        if not flag or flag in settings:
+            continue
+        arg = f" {action.metavar}" if action.metavar else (
+            " " + "\\|".join(action.choices) if action.choices else "")
+        default = "" if action.default in (None, False, []) else f"`{action.default}`"
+        rows.append(f"| `{flag}{arg}` | {default} | {action.help} |")
+    return "\n".join(rows)

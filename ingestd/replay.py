@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send dead letters back to their source topic: those that pass the "
                     "current --schema and limits, or every one selected (--all).")
     p.add_argument("--reason", action="append", choices=REASONS, default=[],
-                   help="select letters of this ingestd.error (repeatable; default: all)")
+                   help="select letters of this ingestd.error (repeatable; all if none)")
     p.add_argument("--partition", type=_partitions, metavar="LIST", default=None,
-                   help="select letters from these source partitions, e.g. 0-5,8")
+                   help="select letters from these source partitions, e.g. 0-5,8 (all if none)")
     p.add_argument("--offset-range", type=_offset_range, metavar="FROM-TO", default=None,
                    help="select letters from these source offsets (inclusive; FROM- or -TO "
                         "leave one end open)")
@@ -116,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=_topic, metavar="TOPIC", default=None,
                    help="produce to this topic instead of each letter's source topic")
     p.add_argument("--max-replays", type=_at_least_one, metavar="N", default=3,
-                   help="skip a letter already replayed this often (ingestd.replay.count); "
-                        "default 3")
+                   help="skip a letter already replayed this often (its ingestd.replay.count)")
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="produce nothing, commit nothing: count what would be replayed")
     p.add_argument("--from-beginning", action="store_true", default=False,

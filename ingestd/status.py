@@ -164,16 +164,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitCode.CONFIG)
 
 
-def main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ingestd status", allow_abbrev=False,
                      description="Show what a running ingestd is doing, from its /metrics "
                                  "and /readyz.")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help=f"where ingestd serves its metrics (default: {DEFAULT_URL})")
+    parser.add_argument("--url", default=DEFAULT_URL, metavar="URL",
+                        help="where ingestd serves /metrics and /readyz (its --metrics-addr)")
     parser.add_argument("--watch", action="store_true",
-                        help="redraw every second (on a terminal; otherwise print once)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    opts = parser.parse_args(list(argv))
+                        help="redraw every second on a terminal; without one, print once")
+    parser.add_argument("--json", action="store_true",
+                        help="print the same data as one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    opts = build_parser().parse_args(list(argv))
     url = opts.url.rstrip("/")
     if "://" not in url:
         url = f"http://{url}"

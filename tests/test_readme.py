@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -10,14 +11,26 @@ from ingestd import config
 from tests.stack import REPO
 
 
+def generated(name: str) -> str:
+    """The README's block between ``<!-- name:begin ... -->`` and ``<!-- name:end -->``."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(rf"<!-- {name}:begin[^>]*-->\n(.*?)\n<!-- {name}:end -->", readme, re.S)
+    assert block is not None, f"README lost its {name} markers"
+    return block.group(1)
+
+
 @pytest.mark.parametrize("table", ["options", "protected"])
 def test_readme_tables_match_declarations(table: str) -> None:
-    readme = (REPO / "README.md").read_text()
-    block = re.search(rf"<!-- {table}:begin[^>]*-->\n(.*?)\n<!-- {table}:end -->", readme, re.S)
-    assert block is not None, f"README lost its {table} markers"
-    assert block.group(1) == getattr(config, f"{table}_table")(), (
+    assert generated(table) == getattr(config, f"{table}_table")(), (
         f"README {table} table is stale; regenerate it with: "
         f"python -c 'from ingestd.config import {table}_table; print({table}_table())'")
+
+
+@pytest.mark.parametrize("command", ["replay", "status"])
+def test_readme_command_tables_match_their_parsers(command: str) -> None:
+    parser = importlib.import_module(f"ingestd.{command}").build_parser()
+    assert generated(f"{command}-options") == config.command_table(parser), \
+        f"README {command} table is stale"
 
 
 def test_example_host_config_loads() -> None:
