@@ -3,7 +3,6 @@ tree (ingestd's supervisor and its children, or one alternative pipeline)."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -57,10 +56,3 @@ def peak_rss_mb(pid: int) -> float:
         except OSError:
             continue
     return round(peak / 1024, 1)
-
-
-def percentiles(values: list[float], *qs: float) -> list[float]:
-    """Nearest-rank percentiles of ``values`` (not empty)."""
-    ordered = sorted(values)
-    return [ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
-            for q in qs]

@@ -25,7 +25,8 @@ import orjson
 import pytest
 import redis
 
-from benchmarks import measure, pipes
+from benchmarks import pipes
+from ingestd import checker
 from tests import stack
 
 RATE = int(os.environ.get("INGESTD_BENCH_RATE", "10000"))
@@ -107,7 +108,7 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
     first = min(s for s, _ in arrivals)
     latencies = [a - s for s, a in arrivals if s >= first + WARMUP]
     assert abs(len(latencies) - expected) <= RATE * 0.05  # the producer's pacing
-    p50, p90, p99 = measure.percentiles(latencies, 50, 90, 99)
+    p50, p90, p99 = checker.percentiles(latencies, 50, 90, 99)
     benchmark.extra_info.update(rate=RATE, seconds=SECONDS, records=len(latencies),
                                 p50_ms=round(p50 * 1000, 2), p90_ms=round(p90 * 1000, 2),
                                 p99_ms=round(p99 * 1000, 2),

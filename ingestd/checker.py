@@ -6,13 +6,17 @@ committed offset beyond it) and on Jepsen's queue checkers (lost, duplicated,
 unexpected). Its inputs are plain data: what the producer's delivery reports
 said it wrote, what the real ``celery worker`` ran, what the dead-letter topic
 holds, and what the group committed; so it is tested with hand-made inputs.
+:func:`read_dead_letters` reads the dead letters' part from Kafka.
 """
 
 from __future__ import annotations
 
 import collections
+import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 Record = tuple[str, int, int]  # topic, partition, offset
 Partition = tuple[str, int]
@@ -170,3 +174,44 @@ def over_committed(produced: Mapping[Record, bool], delivered: set[Record],
         if offset > limit:
             out[key] = (offset, limit)
     return out
+
+
+def percentiles(values: list[float], *qs: float) -> list[float]:
+    """Nearest-rank percentiles of ``values`` (not empty): latencies of a run."""
+    ordered = sorted(values)
+    return [ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
+            for q in qs]
+
+
+def read_dead_letters(bootstrap: str, topic: str, timeout: float = 60) -> list[Record]:
+    """The source coordinates of every dead letter in ``topic``, up to its end now; raises
+    RuntimeError if they cannot all be read in ``timeout`` (a short list would read as
+    lost records)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from ingestd.dlq import source
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "ingestd-checker",
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+        tps = [TopicPartition(topic, p, 0) for p in meta.partitions]
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=timeout)[1]
+                for tp in tps}
+        consumer.assign(tps)
+        out: list[Record] = []
+        read = 0
+        deadline = time.monotonic() + timeout
+        while read < sum(ends.values()) and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None and \
+                        cast(int, msg.offset()) < ends[cast(int, msg.partition())]:
+                    read += 1
+                    record = source(msg.headers())  # type: ignore[arg-type]
+                    if record is not None:
+                        out.append(record)
+        if read < sum(ends.values()):
+            raise RuntimeError(f"read {read} of {sum(ends.values())} dead letters in {topic}")
+        return out
+    finally:
+        consumer.close()

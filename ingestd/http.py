@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -39,7 +40,7 @@ def serve(addr: str, alive: Callable[[], bool],
             elif path == "/readyz":
                 ok, problems = readiness()
                 doc: dict[str, Any] = {"ready": ok, "workers": problems}
-                if "verbose" in query.split("&"):  # as Kubernetes' /readyz?verbose
+                if "verbose" in parse_qs(query, keep_blank_values=True):  # as Kubernetes
                     doc["detail"] = detail()
                 body = orjson.dumps(doc)
                 self._send(200 if ok else 503, body, "application/json")

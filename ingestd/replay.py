@@ -23,7 +23,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -39,13 +39,19 @@ from confluent_kafka import (
 from ingestd import config as cfg
 from ingestd import dlq, kafka, logs
 from ingestd.errors import ConfigError, ExitCode, RecordError
-from ingestd.schema import REASONS, Validator
+from ingestd.schema import INTERNAL, REASONS, Validator
 
 # The daemon's settings that replay uses: it shares the daemon's --config file.
 SETTINGS = ("topic", "bootstrap_servers", "dlq_topic", "schema", "max_record_bytes",
             "max_record_items", "batch_size", "kafka_property", "log_format", "log_level")
 KAFKA_TIMEOUT = 15.0
+DELIVERY_TIMEOUT = 30.0  # the producer's message.timeout.ms
 FLUSH_TIMEOUT = 60.0
+# Consume errors after which the run cannot go on; others librdkafka retries.
+PERMANENT = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                       KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                       KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION})
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PROGRESS_INTERVAL = 1.0
 # Why a selected letter was not replayed, besides being still invalid.
 LIMIT, OMITTED, NO_SOURCE = "at the replay limit", "without its value", "without a source topic"
@@ -105,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send dead letters back to their source topic: those that pass the "
                     "current --schema and limits, or every one selected (--all).")
     p.add_argument("--reason", action="append", choices=REASONS, default=[],
-                   help="select letters of this ingestd.error (repeatable; all if none)")
+                   help="select letters of this ingestd.error (repeatable; if none, all but "
+                        "internal)")
     p.add_argument("--partition", type=_partitions, metavar="LIST", default=None,
                    help="select letters from these source partitions, e.g. 0-5,8 (all if none)")
     p.add_argument("--offset-range", type=_offset_range, metavar="FROM-TO", default=None,
@@ -159,7 +166,8 @@ class Options:
 
     def selects(self, own: dict[str, str]) -> bool:
         """Whether the letter whose ingestd headers are ``own`` is selected."""
-        if self.reasons and own.get(dlq.ERROR) not in self.reasons:
+        if own.get(dlq.ERROR) not in self.reasons if self.reasons else \
+                own.get(dlq.ERROR) == INTERNAL:  # see README: quarantined records
             return False
         if self.partitions is not None and _int(own.get(dlq.PARTITION)) not in self.partitions:
             return False
@@ -186,6 +194,8 @@ class Replay:
         if not self.topic:
             raise ConfigError('dlq-topic: "" disables dead-lettering: there is nothing to '
                               "replay")
+        if options.to == self.topic:
+            raise ConfigError(f"to: {options.to!r} is the dead-letter topic replay reads")
         self.options = options
         self.group = group_of(self.topic)
         self.validator = None if options.replay_all else Validator(
@@ -193,13 +203,17 @@ class Replay:
         self.batch_size = config.batch_size
         self.counts = Counts()
         self.errors: list[str] = []
+        self.refused: dict[int, int] = {}  # dead-letter partition -> first letter not produced
+        self.committed: dict[int, int] = {}  # dead-letter partition -> the group's, at start
         self.stopped_by: str | None = None
         self.consumer = Consumer({
             **kafka.admin_config(config), "group.id": self.group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "enable.partition.eof": True, "logger": LIBRDKAFKA_LOG})
-        self.producer = None if options.dry_run else Producer(
-            {**kafka.producer_config(config), "logger": LIBRDKAFKA_LOG})
+        # A record's fate is known once flush() returns: librdkafka gives up on it first.
+        self.producer = None if options.dry_run else Producer({
+            **kafka.producer_config(config), "message.timeout.ms": int(DELIVERY_TIMEOUT * 1000),
+            "logger": LIBRDKAFKA_LOG})
         self.progress = sys.stderr.isatty()
 
     def stop(self, signum: int, _frame: object) -> None:
@@ -208,45 +222,53 @@ class Replay:
     def run(self) -> int:
         ends = self._ends()
         if ends is None:
-            return ExitCode.RUNTIME
+            return self.finish()
         pending = {p for p, (start, end) in ends.items() if start < end}
         if pending:
             self.consumer.assign([TopicPartition(self.topic, p, ends[p][0]) for p in pending])
-        total = sum(end - max(start, 0) for start, end in ends.values() if start < end)
+        total = sum(end - start for start, end in ends.values() if start < end)
         next_progress = time.monotonic() + PROGRESS_INTERVAL
         while pending and self.stopped_by is None and not self.errors:
-            messages = self.consumer.consume(self.batch_size, 0.5)
             positions: dict[int, int] = {}
-            for msg in messages:
-                p = msg.partition()
-                assert p is not None
-                err = msg.error()
+            for msg in self.consumer.consume(self.batch_size, 0.5):
+                if self.errors:  # nothing after a refusal is produced or committed
+                    break
+                p, offset, err = msg.partition(), msg.offset(), msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(p)
+                    if err.code() == KafkaError._PARTITION_EOF and p is not None:
+                        self._done(p, pending)
+                    elif p is None or err.fatal() or err.code() in PERMANENT:
+                        self.errors.append(f"{self.topic}: {err.str()}")
                     else:
-                        logs.get("replay").warning("%s", err.str())
+                        logs.get("replay").warning("%s (librdkafka retries)", err.str())
                     continue
-                offset = msg.offset()
-                assert offset is not None
+                assert p is not None and offset is not None
                 end = ends[p][1]
                 if offset >= end:  # written after the start: for a later run
-                    pending.discard(p)
+                    self._done(p, pending)
                     continue
-                positions[p] = offset + 1
-                if offset + 1 >= end:
-                    pending.discard(p)
                 self.counts.read += 1
                 self.handle(msg)
-            if self.producer is not None and positions and self._delivered():
-                self._commit(positions)
+                positions[p] = offset + 1
+                if offset + 1 >= end:
+                    self._done(p, pending)
+            if self.producer is not None and positions and self._flush():
+                self._commit({p: max(self.committed.get(p, 0), min(o, self.refused.get(p, o)))
+                              for p, o in positions.items()})
             if self.progress and time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_INTERVAL
                 print(f"{self.counts.summary()} (read {self.counts.read} of {total})",
                       file=sys.stderr)
         return self.finish()
 
+    def _done(self, partition: int, pending: set[int]) -> None:
+        """The partition reached the end seen at start: fetch no more of it."""
+        if partition in pending:
+            pending.discard(partition)
+            self.consumer.pause([TopicPartition(self.topic, partition)])
+
     def handle(self, msg: Message) -> None:
+        """Count one letter, and produce its record if it is selected and passes."""
         own, theirs = dlq.split(cast(dlq.Headers | None, msg.headers()))  # a list, as consumed
         options = self.options
         if not options.selects(own):
@@ -271,35 +293,48 @@ class Replay:
             except RecordError as exc:
                 self.counts.invalid[exc.reason] += 1
                 return
+            except Exception:  # as the worker counts it
+                self.counts.invalid[INTERNAL] += 1
+                return
         if self.producer is None:
             self.counts.replayed += 1
             return
         headers = [(k, v) for k, v in theirs if k != dlq.REPLAY_COUNT]
         headers.append((dlq.REPLAY_COUNT, str(count + 1).encode()))
+        p, offset = cast(int, msg.partition()), cast(int, msg.offset())
         while True:
             try:
                 self.producer.produce(target, value=value, key=msg.key(), headers=headers,
-                                      on_delivery=self._report)
+                                      on_delivery=self._reporter(p, offset))
                 return
             except BufferError:
                 self.producer.poll(0.1)
             except KafkaException as exc:
-                self.errors.append(f"{target}: {exc.args[0].str()}")
+                self._refuse(p, offset, f"{target}: {exc.args[0].str()}")
                 return
 
-    def _report(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            self.counts.replayed += 1
-        else:
-            self.errors.append(f"{msg.topic()}: {err.str()}")
+    def _reporter(self, partition: int, offset: int) -> Callable[[KafkaError | None, Any], None]:
+        def report(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                self.counts.replayed += 1
+            else:
+                self._refuse(partition, offset, f"{msg.topic()}: {err.str()}")
+        return report
 
-    def _delivered(self) -> bool:
-        """Wait for every delivery report of the batch; whether Kafka took them all."""
+    def _refuse(self, partition: int, offset: int, why: str) -> None:
+        """Kafka refused the record of this letter: the run stops, and the group's offset
+        stays before the letter."""
+        self.errors.append(why)
+        self.refused[partition] = min(offset, self.refused.get(partition, offset))
+
+    def _flush(self) -> bool:
+        """Wait for every delivery report of the batch; False while the fate of a record is
+        unknown (its letter is then not committed, and the next run sees it again)."""
         assert self.producer is not None
         remaining = self.producer.flush(FLUSH_TIMEOUT)
-        if remaining:
+        if remaining:  # not expected: librdkafka gives up on a record first
             self.errors.append(f"{remaining} records not acknowledged in {FLUSH_TIMEOUT:.0f}s")
-        return not self.errors
+        return not remaining
 
     def _commit(self, positions: dict[int, int]) -> None:
         try:
@@ -316,21 +351,23 @@ class Replay:
                 self.topic)
             if meta is None or meta.error is not None:
                 why = meta.error.str() if meta is not None and meta.error else "unknown topic"
-                print(f"replay: dead-letter topic {self.topic}: {why}", file=sys.stderr)
+                self.errors.append(f"dead-letter topic {self.topic}: {why}")
                 return None
             tps = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
-            committed = {tp.partition: tp.offset for tp in
-                         self.consumer.committed(tps, timeout=KAFKA_TIMEOUT)}
             out = {}
-            for tp in tps:
+            for tp in self.consumer.committed(tps, timeout=KAFKA_TIMEOUT):
+                if tp.error is not None:
+                    self.errors.append(f"offsets of group {self.group}: {tp.error.str()}")
+                    return None
                 low, high = self.consumer.get_watermark_offsets(tp, timeout=KAFKA_TIMEOUT)
-                start = committed[tp.partition]
-                if self.options.from_beginning or start < low:
-                    start = low
+                start = low if self.options.from_beginning or tp.offset < low else tp.offset
                 out[tp.partition] = (start, high)
+                # --from-beginning reads from the start, yet commits no offset below the
+                # group's: an interrupted run must not rewind the next one.
+                self.committed[tp.partition] = max(tp.offset, 0)
             return out
         except KafkaException as exc:
-            print(f"replay: {self.topic}: {exc.args[0].str()}", file=sys.stderr)
+            self.errors.append(f"{self.topic}: {exc.args[0].str()}")
             return None
 
     def finish(self) -> int:
@@ -347,7 +384,7 @@ class Replay:
                                 if why == LIMIT else "")
                 for why, n in sorted(counts.skipped.items())))
         for error in self.errors[:5]:
-            print(f"replay: Kafka refused: {error}", file=sys.stderr)
+            print(f"replay: {error}", file=sys.stderr)
         if self.stopped_by:
             print(f"replay: stopped by {self.stopped_by}; the next run resumes where this one "
                   "stopped")
@@ -363,6 +400,9 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"ingestd replay: error: {cfg.redact(str(exc))}", file=sys.stderr)
         return ExitCode.CONFIG
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    except KafkaException as exc:  # librdkafka refused a -X property
+        print(f"ingestd replay: error: kafka-property: {exc.args[0].str()}", file=sys.stderr)
+        return ExitCode.CONFIG
+    for sig in STOPS:
         signal.signal(sig, replay.stop)
     return replay.run()

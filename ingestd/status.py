@@ -101,8 +101,10 @@ def snapshot(now: Reading, before: Reading | None) -> dict[str, Any]:
         if value > 0:
             owned.setdefault(labels["slot"], {}).setdefault(labels["topic"], []).append(
                 int(labels["partition"]))
-    lag = {(labels["topic"], int(labels["partition"])): value
-           for labels, value in now.samples.get("ingestd_consumer_lag", ())}
+    # Lag of the partitions a worker owns (a gauge's last value outlives a revoke).
+    owned_now = {(t, p) for topics in owned.values() for t, ps in topics.items() for p in ps}
+    lag = {key: value for labels, value in now.samples.get("ingestd_consumer_lag", ())
+           if (key := (labels["topic"], int(labels["partition"]))) in owned_now}
     detail = now.readyz.get("detail", {})
     workers = []
     for row in detail.get("workers", []):
@@ -183,11 +185,23 @@ def main(argv: Sequence[str]) -> int:
     if "://" not in url:
         url = f"http://{url}"
     watch = opts.watch and sys.stdout.isatty() and not opts.json
+    before: Reading | None = None
     try:
-        before = read(url)
         while True:
-            time.sleep(INTERVAL)
-            now = read(url)
+            try:
+                if before is None:
+                    before = read(url)
+                    time.sleep(INTERVAL)
+                now = read(url)
+            except Unreachable as exc:
+                if not watch:
+                    print(f"ingestd status: {exc}", file=sys.stderr)
+                    return ExitCode.RUNTIME
+                # Watching goes on: ingestd may be restarting.
+                print(f"{CLEAR}ingestd status: {exc}; retrying", flush=True)
+                before = None
+                time.sleep(INTERVAL)
+                continue
             status = snapshot(now, before)
             if opts.json:
                 print(orjson.dumps(status).decode())
@@ -196,8 +210,6 @@ def main(argv: Sequence[str]) -> int:
             if not watch:
                 return ExitCode.OK
             before = now
-    except Unreachable as exc:
-        print(f"ingestd status: {exc}", file=sys.stderr)
-        return ExitCode.RUNTIME
+            time.sleep(INTERVAL)
     except KeyboardInterrupt:
         return ExitCode.OK

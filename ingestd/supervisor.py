@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class Supervisor:
         self.failures: dict[int, int] = {}  # slot -> failures in a row
         self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row soon after start
         self.restarts: dict[int, int] = {}  # slot -> times replaced after it died
+        # Held while a heartbeat is read from the HTTP thread or closed by the loop.
+        self.lock = threading.Lock()
         self.next_spawn: dict[int, float] = {}
         self.exit_code: int | None = None  # set when the loop should end
         self.draining_until: float | None = None
@@ -219,10 +222,11 @@ class Supervisor:
             handle = next((h for h in self.workers.values() if h.pid == pid), None)
             if handle is None:
                 continue
-            del self.workers[handle.slot]
             code = os.waitstatus_to_exitcode(status)
-            never_beat = handle.heartbeat.status() == STARTING
-            handle.heartbeat.close()
+            with self.lock:
+                del self.workers[handle.slot]
+                never_beat = handle.heartbeat.status() == STARTING
+                handle.heartbeat.close()
             if handle.holding is not None:
                 # A crash, or the kill of a stuck loop; not a stop ingestd asked for.
                 asked = handle.stopping_since is not None or self.draining_until is not None
@@ -269,9 +273,10 @@ class Supervisor:
         if self.watcher.stopping_since is None and self.draining_until is None:
             log.warning("ownership watcher (pid %d) died (%s); restarting in %.0fs",
                         self.watcher.pid, _describe_exit(code), WATCHER_RESTART)
-        self.watcher.heartbeat.close()
-        _mark_dead(self.watcher.pid)
-        self.watcher = None
+        with self.lock:
+            self.watcher.heartbeat.close()
+            pid, self.watcher = self.watcher.pid, None
+        _mark_dead(pid)
         self.next_watcher = time.monotonic() + WATCHER_RESTART
 
     def end_watcher(self, grace: float = 2.0) -> None:
@@ -418,42 +423,39 @@ class Supervisor:
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """Ready when every worker is alive, beating and assigned with a reachable broker."""
-        problems: dict[str, str] = {}
-        for slot in range(self.target):
-            handle = self.workers.get(slot)
-            if handle is None:
-                problems[str(slot)] = "not running"
-                continue
-            status = handle.heartbeat.status()
-            if handle.heartbeat.age() > self.config.worker_timeout:
-                problems[str(slot)] = f"no heartbeat for {handle.heartbeat.age():.0f}s"
-            elif status != READY:
-                problems[str(slot)] = status
-        ownership = self.watcher.heartbeat.status() if self.watcher else READY
+        with self.lock:
+            problems = {str(slot): state for slot in range(self.target)
+                        if (state := self._state(self.workers.get(slot))) != READY}
+            ownership = self.watcher.heartbeat.status() if self.watcher else READY
         if ownership not in (READY, STARTING):
             problems["partitions"] = ownership
         return not problems and self.draining_until is None, problems
 
     def detail(self) -> dict[str, Any]:
-        """Every slot's process and state, for /readyz and ``ingestd status``."""
+        """Every slot's process and state, for /readyz?verbose and ``ingestd status``."""
         now = time.monotonic()
-        workers = dict(self.workers)  # the HTTP thread reads while the loop changes them
         slots = []
-        for slot in range(max(self.target, max(workers, default=-1) + 1)):
-            handle = workers.get(slot)
-            if handle is None:
-                state = "not running"
-            elif handle.stopping_since is not None:
-                state = "stopping"
-            elif handle.heartbeat.age() > self.config.worker_timeout:
-                state = f"no heartbeat for {handle.heartbeat.age():.0f}s"
-            else:
-                state = handle.heartbeat.status()
-            slots.append({"slot": slot, "pid": handle.pid if handle else None, "state": state,
-                          "restarts": self.restarts.get(slot, 0),
-                          "uptime_seconds": round(now - handle.started, 1) if handle else None})
+        with self.lock:
+            for slot in range(max(self.target, max(self.workers, default=-1) + 1)):
+                handle = self.workers.get(slot)
+                state = "stopping" if handle and handle.stopping_since is not None \
+                    else self._state(handle)
+                slots.append({"slot": slot, "pid": handle.pid if handle else None,
+                              "state": state, "restarts": self.restarts.get(slot, 0),
+                              "uptime_seconds": round(now - handle.started, 1) if handle
+                              else None})
         return {"target": self.target, "draining": self.draining_until is not None,
                 "workers": slots}
+
+    def _state(self, handle: WorkerHandle | None) -> str:
+        """A worker's status line (``ready``, or why not). Called with :attr:`lock` held:
+        the HTTP thread must not read a heartbeat that the loop closes."""
+        if handle is None:
+            return "not running"
+        age = handle.heartbeat.age()
+        if age > self.config.worker_timeout:
+            return f"no heartbeat for {age:.0f}s"
+        return handle.heartbeat.status()
 
     def alive(self) -> bool:
         return time.monotonic() - self.last_loop < 10 * LOOP_INTERVAL + 5

@@ -606,7 +606,10 @@ class Worker:
         for topic, tdata in stats.get("topics", {}).items():
             for pid, pdata in tdata.get("partitions", {}).items():
                 lag = pdata.get("consumer_lag", -1)
-                if pid != "-1" and lag >= 0 and pdata.get("fetch_state") == "active":
+                # Owned only: a report made while a partition was being revoked would
+                # otherwise set the lag of a partition this worker no longer has.
+                if (pid != "-1" and lag >= 0 and pdata.get("fetch_state") == "active"
+                        and (topic, int(pid)) in self.assignment.owned):
                     gauge.labels(topic, pid).set(lag)
 
     def _on_stop(self, signum: int, _frame: Any) -> None:

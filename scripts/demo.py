@@ -30,7 +30,6 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from ingestd import checker, reference_tasks, status
-from ingestd.dlq import source
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
@@ -128,28 +127,6 @@ class Load:
         return sum(self.produced.values())
 
 
-def dead_letters(topic: str) -> list[checker.Record]:
-    """The source coordinates of every dead letter in ``topic``."""
-    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": "demo-reader",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
-    tp = TopicPartition(topic, 0, 0)
-    end = consumer.get_watermark_offsets(tp, timeout=10)[1]
-    out: list[checker.Record] = []
-    if end:
-        consumer.assign([tp])
-        read = 0
-        deadline = time.monotonic() + 60
-        while read < end and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.5):
-                if msg.error() is None:
-                    read += 1
-                    record = source(msg.headers())  # type: ignore[arg-type]
-                    if record is not None:
-                        out.append(record)
-    consumer.close()
-    return out
-
-
 def committed(group: str, topic: str) -> dict[checker.Partition, int]:
     consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": group})
     try:
@@ -160,16 +137,12 @@ def committed(group: str, topic: str) -> dict[checker.Partition, int]:
         consumer.close()
 
 
-def percentiles(values: list[float]) -> str:
+def latency_line(values: list[float]) -> str:
     if not values:
         return "no records executed"
-    values.sort()
-
-    def at(q: float) -> float:
-        return values[min(len(values) - 1, int(q * len(values)))]
-
-    return (f"p50 {at(0.5):.1f} ms, p90 {at(0.9):.1f} ms, p99 {at(0.99):.1f} ms, "
-            f"max {values[-1]:.1f} ms ({len(values)} records)")
+    p50, p90, p99 = checker.percentiles(values, 50, 90, 99)
+    return (f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms, max {max(values):.1f} ms "
+            f"({len(values)} records)")
 
 
 def show_status(url: str) -> None:
@@ -229,9 +202,13 @@ def main() -> int:
     print(f"demo: ingestd (pid {ingestd.pid}) and a celery worker (pid {celery.pid}) are "
           f"running; metrics on {url}/metrics; logs in {logs}")
     producer = None
-    if opts.seconds is not None and not ready(celery, logs / "celery.log", url):
+    if opts.seconds is not None and not ready(celery, logs / "celery.log", url, opts.workers):
         print(f"demo: the celery worker or ingestd did not start; see {logs}")
-        opts.seconds = 0.0
+        ingestd.send_signal(signal.SIGTERM)
+        celery.terminate()
+        ingestd.wait(60)
+        celery.wait(30)
+        return 1
     if opts.seconds is not None:
         producer = threading.Thread(target=load.steady, args=(opts.seconds, opts.rate))
         producer.start()
@@ -251,7 +228,8 @@ def main() -> int:
     return verdict(load, results, group, opts.drop)
 
 
-def ready(celery: subprocess.Popen[bytes], log: Path, url: str, timeout: float = 60) -> bool:
+def ready(celery: subprocess.Popen[bytes], log: Path, url: str, workers: int,
+          timeout: float = 60) -> bool:
     """Wait until the celery worker takes tasks and every ingestd worker has partitions, so
     that the latency measured is ingestd's and Celery's, not their start."""
     deadline = time.monotonic() + timeout
@@ -260,8 +238,9 @@ def ready(celery: subprocess.Popen[bytes], log: Path, url: str, timeout: float =
             now = status.snapshot(status.read(url), None)
         except status.Unreachable:
             now = {"ready": False}
-        # Every worker owns partitions: the group's first rebalance is over.
-        if now["ready"] and all(w["partitions"] for w in now["workers"]) and \
+        # As many workers own partitions as can: the group's first rebalance is over.
+        owners = sum(1 for w in now.get("workers", ()) if w["partitions"])
+        if now["ready"] and owners >= min(workers, PARTITIONS) and \
                 b"ready." in log.read_bytes():
             return True
         time.sleep(0.2)
@@ -315,12 +294,12 @@ def verdict(load: Load, results: redis.Redis, group: str, drop: int) -> int:
     runs = {str(k): int(v) for k, v in results.hgetall(reference_tasks.RUNS_KEY).items()}
     for task_id in sorted(runs)[:drop]:  # the test hook
         del runs[task_id]
-    report = checker.check(load.produced, runs, dead_letters(f"{load.topic}.dlq"),
-                           committed(group, load.topic))
+    letters = checker.read_dead_letters(BOOTSTRAP, f"{load.topic}.dlq")
+    report = checker.check(load.produced, runs, letters, committed(group, load.topic))
     done = {str(k): float(v) for k, v in results.hgetall(reference_tasks.DONE_KEY).items()}
     latency = [(done[rid] * 1000 - ts) for rid, ts in load.timestamps.items() if rid in done
                and rid in runs]
-    print(f"demo: latency from Kafka timestamp to Celery execution: {percentiles(latency)}")
+    print(f"demo: latency from Kafka timestamp to Celery execution: {latency_line(latency)}")
     for failure in report.failures(max_duplicates=None):
         print(f"demo: {failure}")
     if load.errors:
@@ -328,7 +307,7 @@ def verdict(load: Load, results: redis.Redis, group: str, drop: int) -> int:
     print(f"demo: produced {report.produced}, executed by Celery {report.executed}, "
           f"dead-lettered {report.dead_lettered}, lost {len(report.lost)}, duplicates "
           f"{report.extra_executions}")
-    return 0 if not report.failures(max_duplicates=None) else 1
+    return 0 if report.produced and not report.failures(max_duplicates=None) else 1
 
 
 if __name__ == "__main__":

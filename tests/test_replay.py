@@ -172,6 +172,29 @@ def test_a_replay_stopped_by_sigterm_resumes_and_produces_nothing_twice(
     assert len(values) == n and len(set(values)) == n
 
 
+def test_a_record_kafka_refuses_stops_the_run_before_its_letter(
+        poisoned: Poisoned, topic_factory: Callable[..., str]) -> None:
+    small = topic_factory(partitions=1, config={"max.message.bytes": "20000"})
+    refused = poisoned.replay("--all", "--to", small)
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert "replay: " in refused.stderr and "too large" in refused.stderr.lower(), \
+        refused.stderr
+    letters = stack.consume_all(poisoned.dlq, len(INVALID) + 1)
+    too_large = next(m.offset() for m in letters if dict(m.headers())[dlq.ERROR] == b"too_large")
+    committed = stack.committed_offsets(group_of(poisoned.dlq), poisoned.dlq, 1)[0]
+    assert committed <= too_large, (committed, too_large)
+    again = poisoned.replay("--all", "--to", small)  # the same letter stops it again
+    assert again.returncode == 1
+    assert stack.committed_offsets(group_of(poisoned.dlq), poisoned.dlq, 1)[0] == committed
+    # Passed over by selection, it no longer stops the run; a record that went out in the
+    # refused request is produced now, once.
+    rest = poisoned.replay("--all", "--to", small, "--reason", "schema")
+    assert summary(rest).endswith(", still invalid 0, skipped 1")
+    schema = sorted(raw for raw, reason in INVALID.items() if reason == "schema")
+    got = [m.value() for m in stack.consume_all(small, len(INVALID), timeout=10)]
+    assert sorted(v for v in got if v in schema) == schema
+
+
 @pytest.mark.parametrize(("args", "words"), [
     (["--reason", "bogus"], ["--reason", "invalid choice: 'bogus'"]),
     (["--offset-range", "9-2"], ["--offset-range", "'9-2'", "FROM-TO"]),
@@ -180,6 +203,7 @@ def test_a_replay_stopped_by_sigterm_resumes_and_produces_nothing_twice(
     (["--to", "no/such"], ["--to", "'no/such'", "Kafka topic name"]),
     (["--workers", "2"], ["unrecognized arguments: --workers"]),
     (["--dlq-topic", ""], ["dlq-topic", "nothing to replay"]),
+    (["--topic", "src", "--to", "src.dlq"], ["to", "'src.dlq'", "the dead-letter topic"]),
 ])
 def test_bad_replay_flags_exit_2_with_one_line(args: list[str], words: list[str]) -> None:
     result = run_cli("replay", "--bootstrap-servers", "127.0.0.1:1", *args)
@@ -196,6 +220,8 @@ def test_a_missing_dead_letter_topic_is_one_line_and_exit_1() -> None:
     assert result.returncode == 1, (result.stdout, result.stderr)
     (line,) = result.stderr.splitlines()
     assert line.startswith("replay: dead-letter topic no-such-topic-for-replay.dlq: "), line
+    assert result.stdout.splitlines()[-1] == \
+        "replay: selected 0, replayed 0, still invalid 0, skipped 0"
 
 
 # --- at the seam ------------------------------------------------------------
@@ -214,8 +240,12 @@ def test_selection_by_reason_partition_and_offsets() -> None:
     assert not options.selects(letter("schema", 0, 15))
     assert not options.selects(letter("decode", 1, 15))
     assert not options.selects({})
-    assert Options(frozenset(), None, (5, None), False, None, 3, False, False).selects(
-        letter("decode", 0, 10 ** 9))
+    everything = Options(frozenset(), None, (5, None), False, None, 3, False, False)
+    assert everything.selects(letter("decode", 0, 10 ** 9))
+    # Quarantined records are internal: replayed only when named.
+    assert not everything.selects(letter("internal", 0, 10))
+    assert Options(frozenset({"internal"}), None, None, False, None, 3, False, False).selects(
+        letter("internal", 0, 10))
 
 
 def test_summary_line() -> None:

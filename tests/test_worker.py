@@ -434,11 +434,13 @@ def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
     (fetched again from the committed offset) and their stored offset would pass those."""
     from confluent_kafka import Message, TopicPartition
 
+    from ingestd import metrics
     from ingestd.inflight import InFlight
     from ingestd.offsets import Offsets
     from ingestd.worker import Worker
 
     worker = Worker.__new__(Worker)
+    worker.slot, worker.metrics = 0, metrics
     worker.inflight = InFlight()
     worker.offsets = Offsets(lambda: {("t", 0), ("t", 1)}, lambda err: None)
     worker.offsets.unconfirmed = {("t", 0): 5, ("t", 1): 7}

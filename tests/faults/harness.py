@@ -20,7 +20,6 @@ import redis
 from confluent_kafka import KafkaException
 
 from ingestd import checker, reference_tasks
-from ingestd.dlq import source as source_of
 from tests import stack
 
 PARTITIONS = 4
@@ -221,14 +220,7 @@ class Run:
     # --- verdict ------------------------------------------------------------
 
     def dead_letters(self) -> list[checker.Record]:
-        total = sum(stack.end_offsets(self.dlq, 1, self.bootstrap).values())
-        out = []
-        for msg in stack.consume_all(self.dlq, total, bootstrap=self.bootstrap):
-            record = source_of(msg.headers())
-            assert record is not None, msg.headers()
-            out.append(record)
-        assert len(out) == total, f"read {len(out)} of {total} dead letters"
-        return out
+        return checker.read_dead_letters(self.bootstrap, self.dlq)
 
     def report(self, committed: dict[checker.Partition, int] | None = None) -> checker.Report:
         self.load.wait()
