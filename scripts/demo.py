@@ -225,7 +225,7 @@ def main() -> int:
         celery.wait(30)
     if code:
         return code
-    return verdict(load, results, group, opts.drop)
+    return verdict(load, results, group, opts.drop, opts.seconds is not None)
 
 
 def ready(celery: subprocess.Popen[bytes], log: Path, url: str, workers: int,
@@ -289,7 +289,7 @@ def watch(ingestd: subprocess.Popen[bytes], results: redis.Redis, load: Load, ur
             return 0
 
 
-def verdict(load: Load, results: redis.Redis, group: str, drop: int) -> int:
+def verdict(load: Load, results: redis.Redis, group: str, drop: int, steady: bool) -> int:
     """The checker's verdict, the latency percentiles, and the summary line last."""
     runs = {str(k): int(v) for k, v in results.hgetall(reference_tasks.RUNS_KEY).items()}
     for task_id in sorted(runs)[:drop]:  # the test hook
@@ -300,6 +300,9 @@ def verdict(load: Load, results: redis.Redis, group: str, drop: int) -> int:
     latency = [(done[rid] * 1000 - ts) for rid, ts in load.timestamps.items() if rid in done
                and rid in runs]
     print(f"demo: latency from Kafka timestamp to Celery execution: {latency_line(latency)}")
+    if not steady:
+        print("demo: the records were produced before ingestd started, so this includes their "
+              "wait in the backlog; --seconds N measures it at a steady rate")
     for failure in report.failures(max_duplicates=None):
         print(f"demo: {failure}")
     if load.errors:
