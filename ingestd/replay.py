@@ -3,16 +3,17 @@
 It reads the dead-letter topic as the consumer group ``ingestd-replay-<dlq>``, from
 that group's committed offsets up to the high watermarks it saw at start, so an
 interrupted replay resumes where it stopped. Each letter it selects (``--reason``,
-``--partition``, ``--offset-range``, by the source coordinates in its headers) is
-checked against the current ``--schema`` and record limits, unless ``--all``; one
-that passes is produced, with its original key, value and headers, to its source
-topic (or ``--to``), by an idempotent producer, with ``ingestd.replay.count`` one
-higher. A letter replayed ``--max-replays`` times already is skipped, so nothing
-loops forever.
+every reason but ``internal`` if none is named; ``--partition`` and ``--offset-range``
+by the source coordinates in its headers) is checked against the current ``--schema``
+and record limits, unless ``--all``; one that passes is produced, with its original
+key, value and headers, to its source topic (or ``--to``), by an idempotent producer,
+with ``ingestd.replay.count`` one higher. A letter replayed ``--max-replays`` times
+already is skipped, so nothing loops forever.
 
 A batch's offsets are committed only after Kafka acknowledged every record
-produced from it: a stop (TERM, INT) finishes the batch, commits and exits, and
-the next run produces nothing twice. A kill -9 may repeat the last batch.
+produced from it: a stop (TERM, INT, HUP) finishes the batch, commits and exits, and
+the next run produces nothing twice. A record Kafka refuses stops the run before its
+letter. A kill -9 may repeat the last batch.
 """
 
 from __future__ import annotations
@@ -166,8 +167,11 @@ class Options:
 
     def selects(self, own: dict[str, str]) -> bool:
         """Whether the letter whose ingestd headers are ``own`` is selected."""
-        if own.get(dlq.ERROR) not in self.reasons if self.reasons else \
-                own.get(dlq.ERROR) == INTERNAL:  # see README: quarantined records
+        reason = own.get(dlq.ERROR)
+        if self.reasons:
+            if reason not in self.reasons:
+                return False
+        elif reason == INTERNAL:  # records that killed workers among them: only when named
             return False
         if self.partitions is not None and _int(own.get(dlq.PARTITION)) not in self.partitions:
             return False
