@@ -233,7 +233,7 @@ class Config:
         help="pause consuming while the Celery queue holds more than N (0: off); resume below 80%%")
     metrics_addr: str = setting(
         "127.0.0.1:9102", metavar="HOST:PORT", check=_host_port,
-        help='HTTP for /metrics, /healthz, /readyz; "" disables')
+        help='HTTP for /metrics, /livez (or /healthz), /readyz; "" disables')
     drain_timeout: float = setting(30.0, parse=float, metavar="SECONDS", check=_non_negative,
                                    help="graceful stop budget")
     worker_timeout: float = setting(

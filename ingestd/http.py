@@ -1,4 +1,4 @@
-"""The supervisor's HTTP endpoints: /metrics, /healthz, /readyz."""
+"""The supervisor's HTTP endpoints: /metrics, /livez (and its older name /healthz), /readyz."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def serve(addr: str, alive: Callable[[], bool],
                 with metrics.files_lock:
                     body = generate_latest(registry)
                 self._send(200, body, CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
+            elif path in ("/livez", "/healthz"):  # Kubernetes deprecated /healthz for /livez
                 ok = alive()
                 self._send(200 if ok else 503, b"ok\n" if ok else b"supervisor loop stalled\n")
             elif path == "/readyz":
@@ -60,5 +60,5 @@ def serve(addr: str, alive: Callable[[], bool],
     server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    log.info("serving /metrics /healthz /readyz on %s", addr)
+    log.info("serving /metrics /livez /healthz /readyz on %s", addr)
     return server

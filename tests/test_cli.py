@@ -616,6 +616,7 @@ def test_metrics_count_the_corpus_exactly_and_survive_a_killed_worker(
         assert sample(samples, "ingestd_workers_alive") == 2
         assert sample(samples, "ingestd_worker_restarts_total") == 0
         assert stack.http_get(f"{base}/healthz")[0] == 200
+        assert stack.http_get(f"{base}/livez") == (200, b"ok\n")
         assert stack.wait_until(lambda: stack.http_get(f"{base}/readyz")[0] == 200, 60)
         status, body = stack.http_get(f"{base}/readyz")
         assert status == 200 and orjson.loads(body) == {"ready": True, "workers": {}}
