@@ -1,6 +1,7 @@
 """Watching the Celery queue: backpressure above ``--max-queue-depth``, and broker health.
 
-The watcher asks the queue's depth (LLEN for Redis, a passive declare for
+The watcher asks the queue's depth (with routes: every route's queue, in all;
+LLEN for Redis, a passive declare for
 AMQP) at most every BACKPRESSURE_CHECK_INTERVAL while backpressure is on, or
 every BROKER_PROBE_INTERVAL when nothing was published lately, so a broker
 that went away while the topic was idle still shows on /readyz. Between two
@@ -31,7 +32,8 @@ class QueueWatch:
     def __init__(self, config: Config, pause: Callable[[bool], None],
                  broker: Callable[[DispatchError | None], None]) -> None:
         self.limit = config.max_queue_depth
-        self.queue = config.queue
+        queues = list(dict.fromkeys(r.queue for r in config.routes.values()))
+        self.queues = ("queue " if len(queues) == 1 else "queues ") + ", ".join(queues)
         self.probe = dispatch.create(config, PROBE_TIMEOUT)
         self.pause = pause  # pause(True) / pause(False)
         self.broker = broker  # broker(error) / broker(None) when reachable
@@ -70,11 +72,11 @@ class QueueWatch:
         if not self.limit:
             return
         if self.depth > self.limit and not self.paused:
-            log.info("queue %s holds %d > %d tasks: pausing", self.queue, self.depth, self.limit)
+            log.info("%s hold %d > %d tasks: pausing", self.queues, self.depth, self.limit)
             self.paused = True
             self.pause(True)
         elif self.depth < RESUME_BELOW * self.limit and self.paused:
-            log.info("queue %s holds %d tasks: resuming", self.queue, self.depth)
+            log.info("%s hold %d tasks: resuming", self.queues, self.depth)
             self.paused = False
             self.pause(False)
 

@@ -65,14 +65,20 @@ def check_kafka(config: cfg.Config) -> list[str]:
 
 
 def check_broker(config: cfg.Config) -> list[str]:
+    """Reach the Celery broker, declare every route's queue as ``send_task`` would, and
+    show what each holds."""
+    broker = f"celery broker {cfg.redact_url(config.broker_url)}"
     try:
         dispatcher = dispatch.create(config)
-        depth = dispatcher.queue_depth()  # declares the queue as send_task would, then asks
+        depths = dispatcher.queue_depths()
         dispatcher.close()
     except IngestdError as exc:
-        return [f"celery broker {cfg.redact_url(config.broker_url)}: {exc}"]
+        return [f"{broker}: {exc}"]
     except Exception as exc:
-        return [f"celery broker {cfg.redact_url(config.broker_url)}: unreachable ({exc})"]
-    print(f"celery broker {cfg.redact_url(config.broker_url)}: reachable, "
-          f"queue {config.queue} holds {depth} messages")
+        return [f"{broker}: unreachable ({exc})"]
+    print(f"{broker}: reachable")
+    for topic, route in config.routes.items():
+        print(f"  route {topic} -> task {route.task} on queue {route.queue}")
+    for queue, depth in depths.items():
+        print(f"  queue {queue} holds {depth} messages")
     return []

@@ -16,7 +16,8 @@ import sys
 import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from functools import cached_property
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
 from ingestd.errors import ConfigError
@@ -35,6 +36,7 @@ class Spec:
     legacy_env: str | None = None
     repeatable: bool = False
     short: str | None = None
+    table: bool = False  # in TOML, a table of KEY = "VALUE" as well as a list of "KEY=VALUE"
     check: Callable[[Any], str | None] | None = None  # returns what was expected, or None
     default_doc: str | None = None
 
@@ -69,6 +71,29 @@ def topic_problem(v: str) -> str | None:
     # Kafka's own rule; task ids embed the name, and codec relies on it needing no escaping.
     return None if re.fullmatch(r"[a-zA-Z0-9._-]{1,249}", v) else "a Kafka topic name " \
         "([a-zA-Z0-9._-], 1 to 249 characters)"
+
+
+class Route(NamedTuple):
+    """Where a topic's records go: the task they are sent as, on which queue."""
+
+    task: str
+    queue: str
+
+
+def parse_route(v: str) -> tuple[str, Route | None]:
+    """``TOPIC=TASK[@QUEUE]`` → (topic, route); the queue is "" where none is given. The
+    route is None where ``v`` is not of that form."""
+    topic, sep, target = (part.strip() for part in v.partition("="))
+    task, at, queue = (part.strip() for part in target.partition("@"))
+    if not sep or topic_problem(topic) or not task or re.search(r"\s", task) or (
+            at and (not queue or re.search(r"\s", queue))):
+        return topic, None
+    return topic, Route(task, queue)
+
+
+def _route(v: str) -> str | None:
+    return None if parse_route(v)[1] else "TOPIC=TASK or TOPIC=TASK@QUEUE, with a Kafka " \
+        "topic name"
 
 
 def _dlq_topic(v: str | None) -> str | None:
@@ -195,6 +220,11 @@ class Config:
     task: str = setting("ingest_and_score_signal", metavar="NAME",
                         help="task name, one task per signal")
     queue: str = setting("celery", metavar="Q", help="Celery queue / routing key")
+    route: tuple[str, ...] = setting(
+        (), metavar="TOPIC=TASK[@QUEUE]", repeatable=True, table=True, check=_route,
+        help="send one topic's records as TASK (in place of --task, or --batch-task in batch "
+             "dispatch) on QUEUE (default --queue); repeatable, comma-separated in the "
+             "environment, a [route] table in TOML; every TOPIC must be a --topic")
     dispatch: str = setting(
         "each", choices=("each", "batch"),
         help="each: one task per signal; batch: one task per partition slice of a batch")
@@ -230,7 +260,8 @@ class Config:
              "batch stays bounded whatever the records' size")
     max_queue_depth: int = setting(
         0, parse=int, metavar="N", check=_non_negative,
-        help="pause consuming while the Celery queue holds more than N (0: off); resume below 80%%")
+        help="pause consuming while the Celery queue (with routes: their queues in all) holds "
+             "more than N (0: off); resume below 80%%")
     metrics_addr: str = setting(
         "127.0.0.1:9102", metavar="HOST:PORT", check=_host_port,
         help='HTTP for /metrics, /livez (or /healthz), /readyz; "" disables')
@@ -253,6 +284,25 @@ class Config:
     def dead_letter_topic(self) -> str:
         """The dead-letter topic, or "" when dead-lettering is disabled."""
         return f"{self.topic[0]}.dlq" if self.dlq_topic is None else self.dlq_topic
+
+    @property
+    def default_route(self) -> Route:
+        """Where a topic without a ``--route`` goes: ``--task`` (``--batch-task`` in batch
+        dispatch) on ``--queue``."""
+        return Route(self.batch_task if self.dispatch == "batch" else self.task, self.queue)
+
+    @cached_property
+    def routes(self) -> dict[str, Route]:
+        """Every source topic's route."""
+        routes = dict.fromkeys(self.topic, self.default_route)
+        for topic, route in map(parse_route, self.route):
+            assert route is not None  # checked while loading
+            routes[topic] = Route(route.task, route.queue or self.queue)
+        return routes
+
+    def route_of(self, topic: str) -> Route:
+        """A topic's route; one that is not a source topic (a test's) has the default."""
+        return self.routes.get(topic) or self.default_route
 
     @property
     def kafka_properties(self) -> dict[str, str]:
@@ -407,12 +457,16 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str, *,
     if spec.repeatable:
         if isinstance(raw, str) and text:
             raw = _split_list(f.name, raw)
+        if spec.table and isinstance(raw, dict) and from_file:
+            raw = [f"{key}={value}" if isinstance(value, str) else value
+                   for key, value in raw.items()]
+        kind = "a list (or a table) of strings" if spec.table else "a list of strings"
         if not isinstance(raw, list | tuple):
-            raise ConfigError(f"{where}: expected a list of strings, got a {type(raw).__name__}")
+            raise ConfigError(f"{where}: expected {kind}, got a {type(raw).__name__}")
         for item in raw:
             if not isinstance(item, str):
-                raise ConfigError(f"{where}: expected a list of strings, got a "
-                                  f"{type(item).__name__} in the list")
+                raise ConfigError(f"{where}: expected {kind}, got a {type(item).__name__} "
+                                  "in it")
         value: Any = tuple(raw)
         if spec.check:
             for item, item_shown in zip(value, shown(f.name, value), strict=True):
@@ -507,9 +561,23 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     config = Config(**values)
     if not config.topic:
         raise ConfigError("topic: expected at least one topic")
+    _check_routes(config, {"flag": "flag", "env": "INGESTD_ROUTE",
+                           "file": str(config_file)}.get(sources["route"], "default"))
     names = {f.name for f in SETTINGS}
     options = {k: v for k, v in args.items() if k not in names}
     return Loaded(config, sources, check, config_file, options)
+
+
+def _check_routes(config: Config, origin: str) -> None:
+    """Every routed topic is a source topic, and routed once."""
+    seen: set[str] = set()
+    for topic, _ in map(parse_route, config.route):
+        if topic not in config.topic:
+            raise ConfigError(f"route (from {origin}): topic {topic!r} is not a source topic "
+                              f"(--topic {','.join(config.topic)})")
+        if topic in seen:
+            raise ConfigError(f"route (from {origin}): topic {topic!r} is routed twice")
+        seen.add(topic)
 
 
 def describe(loaded: Loaded) -> list[str]:

@@ -1,9 +1,13 @@
 """Publish a batch of Celery task messages to the broker in one round trip.
 
-Redis: one multi-value LPUSH of kombu's JSON envelopes (atomic: all or none).
-AMQP: every message published ``mandatory`` on a confirm-mode channel, then one
-wait for the broker's acks covering the whole batch; a message the broker
-returns as unroutable (its queue deleted or expired) refuses the batch.
+Each topic's tasks go by its route (``--route``, else ``--task`` on ``--queue``):
+a :class:`Target` per route holds the message template Celery built for it.
+
+Redis: one multi-value LPUSH of kombu's JSON envelopes per queue, several in one
+MULTI/EXEC transaction (atomic: all or none). AMQP: every message published
+``mandatory`` on a confirm-mode channel, then one wait for the broker's acks
+covering the whole batch; a message the broker returns as unroutable (its queue
+deleted or expired) refuses the batch.
 
 Every broker call has a bounded time (:data:`BROKER_TIMEOUT`): a broker that
 stops answering refuses the batch, which the worker retries.
@@ -19,7 +23,7 @@ from celery import Celery
 from kombu.connection import Connection
 
 from ingestd import codec
-from ingestd.config import Config, redact
+from ingestd.config import Config, Route, redact
 from ingestd.errors import DispatchError
 
 CONNECT_TIMEOUT = 5.0
@@ -60,6 +64,8 @@ class Dispatcher(Protocol):
 
     def queue_depth(self) -> int: ...
 
+    def queue_depths(self) -> dict[str, int]: ...
+
     def close(self) -> None: ...
 
 
@@ -80,12 +86,9 @@ def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
 
 def create(config: Config, timeout: float = BROKER_TIMEOUT) -> Dispatcher:
     app = celery_app(config, timeout)
-    task = config.batch_task if config.dispatch == "batch" else config.task
-    batch = config.dispatch == "batch"
-    captured = codec.capture(app, task, config.queue, batch)
     if config.broker_is_redis:
-        return RedisDispatcher(app, config.queue, captured, batch)
-    return AmqpDispatcher(app, config.queue, captured, batch)
+        return RedisDispatcher(app, config)
+    return AmqpDispatcher(app, config)
 
 
 def _args(task: Task, batch: bool) -> list[Any]:
@@ -96,15 +99,66 @@ def _error(action: str, exc: BaseException) -> DispatchError:
     return DispatchError(f"{action}: {redact(str(exc)) or type(exc).__name__}")
 
 
+class Target:
+    """Where one route's tasks go (:attr:`Config.routes`), and their message template,
+    captured from Celery once."""
+
+    def __init__(self, app: Celery, route: Route, batch: bool) -> None:
+        self.task, self.queue = route
+        self.captured = codec.capture(app, route.task, route.queue, batch)
+        self.builder = codec.MessageBuilder(self.captured)
+
+
 class _Base:
-    def __init__(self, app: Celery, queue: str, captured: codec.Captured, batch: bool) -> None:
+    def __init__(self, app: Celery, config: Config) -> None:
         self.app = app
-        self.queue_name = queue
-        self.captured = captured
-        self.builder = codec.MessageBuilder(captured)
-        self.batch = batch
+        self.config = config
+        self.batch = config.dispatch == "batch"
+        self._by_route: dict[Route, Target] = {}
+        self.targets: dict[str, Target] = {}  # by topic
+        for topic in config.topic:
+            self._target(topic)
+        # Without routes every topic, known or not, goes to one target: the common case
+        # needs no lookup per task.
+        self._only = self.targets[config.topic[0]] if set(config.routes.values()) == {
+            config.default_route} else None
         self.conn: Connection | None = None
         self._declared = False
+
+    def _target(self, topic: str) -> Target:
+        """A topic's target; one that is not a source topic (a test's) goes by ``--task``
+        and ``--queue``, and its queue is declared before the next publish."""
+        target = self.targets.get(topic)
+        if target is None:
+            route = self.config.route_of(topic)
+            target = self._by_route.get(route)
+            if target is None:
+                target = self._by_route[route] = self._new_target(route)
+                self._declared = False
+            self.targets[topic] = target
+        return target
+
+    def _new_target(self, route: Route) -> Target:
+        return Target(self.app, route, self.batch)
+
+    def split(self, tasks: Sequence[Task]) -> list[tuple[Target, list[Task]]]:
+        """The tasks by target, each in its order (a partition's records go to one)."""
+        if self._only is not None:
+            return [(self._only, list(tasks))]
+        groups: dict[Target, list[Task]] = {}
+        target_of = self._target
+        for task in tasks:
+            groups.setdefault(target_of(task.topic), []).append(task)
+        return list(groups.items())
+
+    @property
+    def captured(self) -> codec.Captured:
+        """The first source topic's message template (what tests and benchmarks compare)."""
+        return self.targets[self.config.topic[0]].captured
+
+    def by_queue(self) -> list[Any]:
+        """A target of each queue."""
+        return list({t.queue: t for t in self._by_route.values()}.values())
 
     def _connection(self) -> Connection:
         if self.conn is None:
@@ -114,10 +168,12 @@ class _Base:
         return self.conn
 
     def _declare(self) -> Any:
-        """Declare the queue as ``send_task`` does (Celery's own queue definition)."""
+        """Declare every target's queue as ``send_task`` does (Celery's own queue
+        definition)."""
         channel = self._connection().default_channel
         if not self._declared:
-            self.app.amqp.queues[self.queue_name](channel).declare()
+            for target in self.by_queue():
+                self.app.amqp.queues[target.queue](channel).declare()
             self._declared = True
         return channel
 
@@ -133,6 +189,14 @@ class _Base:
 
     def publish(self, tasks: Sequence[Task]) -> None:
         self.send(self.prepare(tasks))  # type: ignore[attr-defined]
+
+    def queue_depths(self) -> dict[str, int]:
+        """Each queue's depth; raises DispatchError."""
+        raise NotImplementedError
+
+    def queue_depth(self) -> int:
+        """What every queue holds, in all."""
+        return sum(self.queue_depths().values())
 
 
 def pack_lpush(key: bytes, values: list[bytes]) -> bytes:
@@ -150,52 +214,95 @@ def pack_lpush(key: bytes, values: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-class RedisDispatcher(_Base):
-    def __init__(self, app: Celery, queue: str, captured: codec.Captured, batch: bool) -> None:
-        super().__init__(app, queue, captured, batch)
-        if captured.exchange:
-            raise DispatchError(f"queue {queue!r} routes through exchange {captured.exchange!r}; "
-                                "ingestd publishes to direct queues only")
-        self.key = captured.routing_key
-        self.envelopes = codec.RedisEnvelopes(self.builder)
-        self._conn: Any = None
+# A batch for several queues goes in one transaction: all of its LPUSHes or none.
+MULTI, EXEC = b"*1\r\n$5\r\nMULTI\r\n", b"*1\r\n$4\r\nEXEC\r\n"
 
-    def encode(self, tasks: Sequence[Task], tags: Sequence[bytes] | None = None) -> list[bytes]:
-        """The envelopes, one per task, as kombu's Redis transport would LPUSH them."""
+
+class Packed(NamedTuple):
+    """A batch's Redis commands, and how many replies they get."""
+
+    data: bytes
+    replies: int
+
+
+class RedisTarget(Target):
+    def __init__(self, app: Celery, route: Route, batch: bool) -> None:
+        super().__init__(app, route, batch)
+        if self.captured.exchange:
+            raise DispatchError(f"queue {route.queue!r} routes through exchange "
+                                f"{self.captured.exchange!r}; ingestd publishes to direct "
+                                "queues only")
+        self.key = self.captured.routing_key.encode()
+        self.envelopes = codec.RedisEnvelopes(self.builder)
+
+
+class RedisDispatcher(_Base):
+    targets: dict[str, RedisTarget]  # type: ignore[assignment]
+
+    def __init__(self, app: Celery, config: Config) -> None:
+        self._conn: Any = None
+        super().__init__(app, config)
+
+    def _new_target(self, route: Route) -> RedisTarget:
+        return RedisTarget(self.app, route, self.batch)
+
+    @property
+    def key(self) -> str:
+        """The first source topic's queue key (what tests and benchmarks compare)."""
+        return self.targets[self.config.topic[0]].key.decode()
+
+    def encode(self, tasks: Sequence[Task], tags: Sequence[bytes] | None = None,
+               target: RedisTarget | None = None) -> list[bytes]:
+        """The envelopes, one per task, as kombu's Redis transport would LPUSH them; by
+        default for the first source topic's target."""
+        target = target or self.targets[self.config.topic[0]]
         tags = tags or codec.delivery_tags(len(tasks))
         if not self.batch:
-            return self.envelopes.encode_each(tasks, tags)
-        enc = self.envelopes.encode_batch
+            return target.envelopes.encode_each(tasks, tags)
+        enc = target.envelopes.encode_batch
         return [enc(t.task_id, t.raws, _args(t, True), tag, t.ids or [])
                 for t, tag in zip(tasks, tags, strict=True)]
 
-    def prepare(self, tasks: Sequence[Task]) -> bytes:
-        """The whole LPUSH command, packed here: the in-flight thread then only writes
-        it and reads the reply, and barely needs the GIL."""
+    def prepare(self, tasks: Sequence[Task]) -> Packed:
+        """The whole LPUSH command (one per queue key, in a transaction when there are
+        several), packed here: the in-flight thread then only writes it and reads the
+        replies, and barely needs the GIL."""
         if not tasks:
-            return b""
-        key, tags = self.key.encode(), codec.delivery_tags(len(tasks))
-        packed = None if self.batch else self.envelopes.lpush_each(key, tasks, tags)
-        return packed if packed is not None else pack_lpush(key, self.encode(tasks, tags))
+            return Packed(b"", 0)
+        commands = [self._lpush(target, group)  # type: ignore[arg-type]
+                    for target, group in self.split(tasks)]
+        if len(commands) == 1:
+            return Packed(commands[0], 1)
+        return Packed(b"".join((MULTI, *commands, EXEC)), len(commands) + 2)
 
-    def send(self, packed: bytes) -> None:
-        if not packed:
+    def _lpush(self, target: RedisTarget, tasks: list[Task]) -> bytes:
+        tags = codec.delivery_tags(len(tasks))
+        packed = None if self.batch else target.envelopes.lpush_each(target.key, tasks, tags)
+        return packed if packed is not None else pack_lpush(
+            target.key, self.encode(tasks, tags, target))
+
+    def send(self, packed: Packed) -> None:
+        if not packed.replies:
             return
         try:
             conn = self._lpush_conn()
-            conn.send_packed_command([packed], check_health=False)
-            reply = conn.read_response()
+            conn.send_packed_command([packed.data], check_health=False)
+            replies = [conn.read_response() for _ in range(packed.replies)]
         except Exception as exc:
             self._reset()
             raise _error("redis LPUSH failed", exc) from exc
-        if isinstance(reply, Exception):
-            raise _error("redis refused LPUSH", reply)
+        last = replies[-1]
+        for reply in (last if isinstance(last, list) else [last]):
+            if isinstance(reply, Exception):
+                raise _error("redis refused LPUSH", reply)
 
     def _lpush_conn(self) -> Any:
         """A connection of the dispatcher's own, taken once from kombu's client pool."""
         if self._conn is None:
             client = self._declare().client
             self._conn = client.connection_pool.get_connection()
+        elif not self._declared:  # a new target's queue
+            self._declare()
         return self._conn
 
     def _reset(self) -> None:
@@ -205,31 +312,37 @@ class RedisDispatcher(_Base):
             self._conn = None
         super()._reset()
 
-    def queue_depth(self) -> int:
+    def queue_depths(self) -> dict[str, int]:
         try:
-            return int(self._declare().client.llen(self.key))
+            client = self._declare().client
+            return {t.queue: int(client.llen(t.key)) for t in self.by_queue()}
         except Exception as exc:
             self._reset()
             raise _error("redis LLEN failed", exc) from exc
 
 
+Prepared = list[tuple[codec.Captured, bytes, dict[str, Any], dict[str, Any]]]
+
+
 class AmqpDispatcher(_Base):
-    def __init__(self, app: Celery, queue: str, captured: codec.Captured, batch: bool) -> None:
-        super().__init__(app, queue, captured, batch)
+    def __init__(self, app: Celery, config: Config) -> None:
+        super().__init__(app, config)
         self._acked = 0
         self._nacked = 0
-        self._returned = 0
+        self._returned: list[str] = []  # routing keys
         self._published = 0
+        self._confirming: Any = None  # the channel in confirm mode
 
     def _channel(self) -> Any:
-        fresh = not self._declared
         channel = self._declare()
-        if fresh:
+        if channel is not self._confirming:  # a new connection's
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
-            self._acked = self._nacked = self._returned = self._published = 0
+            self._confirming = channel
+            self._acked = self._nacked = self._published = 0
+            self._returned = []
         return channel
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
@@ -241,23 +354,27 @@ class AmqpDispatcher(_Base):
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         """An unroutable message: the broker confirms it all the same, after this."""
-        self._returned += 1
+        self._returned.append(routing_key)
 
-    def prepare(self, tasks: Sequence[Task]) -> list[tuple[bytes, dict[str, Any],
-                                                        dict[str, Any]]]:
-        """Body, headers and properties of each message; the channel wraps them in send()."""
-        b, batch = self.builder, self.batch
-        return [(b.body(t.raws, batch), b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids),
-                 b.properties(t.task_id)) for t in tasks]
+    def prepare(self, tasks: Sequence[Task]) -> Prepared:
+        """Template, body, headers and properties of each message; the channel wraps them
+        in send()."""
+        batch = self.batch
+        out: Prepared = []
+        for target, group in self.split(tasks):
+            c, b = target.captured, target.builder
+            out += [(c, b.body(t.raws, batch),
+                     b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids),
+                     b.properties(t.task_id)) for t in group]
+        return out
 
-    def send(self, prepared: list[tuple[bytes, dict[str, Any], dict[str, Any]]]) -> None:
+    def send(self, prepared: Prepared) -> None:
         if not prepared:
             return
-        c = self.captured
         try:
             channel = self._channel()
-            nacked_before, returned_before = self._nacked, self._returned
-            for body, headers, properties in prepared:
+            nacked_before, returned_before = self._nacked, len(self._returned)
+            for c, body, headers, properties in prepared:
                 message = channel.prepare_message(body, 0, c.content_type, c.content_encoding,
                                                   headers, properties)
                 channel.basic_publish(message, exchange=c.exchange, routing_key=c.routing_key,
@@ -271,17 +388,18 @@ class AmqpDispatcher(_Base):
             raise _error("amqp publish failed", exc) from exc
         if self._nacked != nacked_before:
             raise DispatchError("amqp broker refused (nack) part of the batch")
-        if self._returned != returned_before:
-            returned = self._returned - returned_before
-            self._reset()  # the retry declares the queue again, as send_task would
-            raise DispatchError(f"amqp broker returned {returned} unroutable messages "
-                                f"(no queue bound to {c.routing_key!r})")
+        returned = self._returned[returned_before:]
+        if returned:
+            self._reset()  # the retry declares the queues again, as send_task would
+            keys = ", ".join(repr(k) for k in dict.fromkeys(returned))
+            raise DispatchError(f"amqp broker returned {len(returned)} unroutable messages "
+                                f"(no queue bound to {keys})")
 
-    def queue_depth(self) -> int:
+    def queue_depths(self) -> dict[str, int]:
         try:
             channel = self._channel()
-            _, count, _ = channel.queue_declare(queue=self.queue_name, passive=True)
-            return int(count)
+            return {t.queue: int(channel.queue_declare(queue=t.queue, passive=True)[1])
+                    for t in self.by_queue()}
         except Exception as exc:
             self._reset()
             raise _error("amqp queue depth failed", exc) from exc

@@ -11,6 +11,12 @@ the task id and the score in Redis, so that callers can count what ran:
   so that callers can tell which record ran more than once
 - ``<prefix>done``: hash, field = record id, value = when it last ran (Unix seconds), for
   the latency from a record's Kafka timestamp to its execution
+- ``<prefix>tasks``: hash, field = record id, value = the name of the task that ran it
+- ``<prefix>kafka``: hash, field = record id, value = the record's ``kafka`` keyword
+  argument as JSON (``--with-metadata``), where the task got one
+
+``archive_signal`` and ``archive_signals`` do the same under other names: a second
+task to route a topic to (``--route``).
 
 The broker comes from ``CELERY_BROKER_URL`` (default ``redis://localhost:6379/0``);
 the results go to ``INGESTD_RESULTS_URL``, else to the broker when it is Redis.
@@ -18,6 +24,7 @@ the results go to ``INGESTD_RESULTS_URL``, else to the broker when it is Redis.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -35,6 +42,8 @@ SCORES_KEY = RESULTS_PREFIX + "scores"
 EXECUTED_KEY = RESULTS_PREFIX + "executed"
 RUNS_KEY = RESULTS_PREFIX + "runs"
 DONE_KEY = RESULTS_PREFIX + "done"
+TASKS_KEY = RESULTS_PREFIX + "tasks"
+KAFKA_KEY = RESULTS_PREFIX + "kafka"
 
 app = Celery("ingestd_reference", broker=BROKER_URL)
 app.conf.update(
@@ -92,29 +101,40 @@ def score(signal: dict[str, Any]) -> float:
     return stats.add(float(signal["value"]))
 
 
-def _record(scores: dict[str, float], runs: list[str]) -> None:
+def _record(task: Task, scores: dict[str, float], runs: list[str],
+            kafka: list[Any] | None = None) -> None:
     pipe = _results().pipeline(transaction=False)
     pipe.hset(SCORES_KEY, mapping={k: repr(v) for k, v in scores.items()})
     pipe.incrby(EXECUTED_KEY, len(scores))
     for record_id in runs:
         pipe.hincrby(RUNS_KEY, record_id, 1)
     if runs:
-        now = repr(time.time())
-        pipe.hset(DONE_KEY, mapping=dict.fromkeys(runs, now))
+        pipe.hset(DONE_KEY, mapping=dict.fromkeys(runs, repr(time.time())))
+        pipe.hset(TASKS_KEY, mapping=dict.fromkeys(runs, str(task.name)))
+    if kafka:
+        pipe.hset(KAFKA_KEY, mapping={r: json.dumps(k) for r, k in zip(runs, kafka,
+                                                                       strict=True)})
     pipe.execute()
 
 
-@app.task(name="ingest_and_score_signal", bind=True)
-def ingest_and_score_signal(self: Task, signal: dict[str, Any]) -> float:
+def _one(self: Task, signal: dict[str, Any], kafka: dict[str, Any] | None = None) -> float:
     z = score(signal)
-    _record({str(self.request.id): z}, [str(self.request.id)])
+    _record(self, {str(self.request.id): z}, [str(self.request.id)],
+            [kafka] if kafka else None)
     return z
 
 
-@app.task(name="ingest_and_score_signals", bind=True)
-def ingest_and_score_signals(self: Task, signals: list[dict[str, Any]]) -> list[float]:
+def _many(self: Task, signals: list[dict[str, Any]],
+          kafka: list[dict[str, Any]] | None = None) -> list[float]:
     zs = [score(s) for s in signals]
     # Only ingestd sets the header; a plain send_task carries none.
     record_ids = getattr(self.request, RECORD_IDS, None) or []
-    _record({f"{self.request.id}/{i}": z for i, z in enumerate(zs)}, [str(i) for i in record_ids])
+    _record(self, {f"{self.request.id}/{i}": z for i, z in enumerate(zs)},
+            [str(i) for i in record_ids], kafka)
     return zs
+
+
+ingest_and_score_signal = app.task(name="ingest_and_score_signal", bind=True)(_one)
+ingest_and_score_signals = app.task(name="ingest_and_score_signals", bind=True)(_many)
+archive_signal = app.task(name="archive_signal", bind=True)(_one)
+archive_signals = app.task(name="archive_signals", bind=True)(_many)

@@ -123,7 +123,6 @@ class Worker:
                                    typed=config.dispatch == "each" and codec.native
                                    is not None)
         self.dispatcher = dispatch.create(config)
-        self.task_name = config.batch_task if config.dispatch == "batch" else config.task
         dlq_topic = config.dead_letter_topic
         self.dlq = (DeadLetterProducer(dlq_topic, {**kafka.producer_config(config),
                                                    "logger": LIBRDKAFKA_LOG}, config.group_id)
@@ -556,7 +555,7 @@ class Worker:
         for task in batch.tasks:
             dispatched[task.topic] = dispatched.get(task.topic, 0) + len(task.raws)
         for topic, n in dispatched.items():
-            m.dispatched.labels(topic, self.task_name).inc(n)
+            m.dispatched.labels(topic, self.config.route_of(topic).task).inc(n)
         if dispatched:
             m.worker_dispatched.labels(str(self.slot)).inc(sum(dispatched.values()))
         invalid: dict[tuple[str, str], int] = {}

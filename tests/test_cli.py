@@ -151,6 +151,14 @@ BAD_ARGS = [
     (["--schema", "nosuchmodule:X"], ["schema", "nosuchmodule:X", "No module named"]),
     (["--log-format", "xml"], ["log-format", "'xml'"]),
     (["--metrics-addr", "nowhere"], ["metrics-addr", "'nowhere'", "HOST:PORT"]),
+    # routes: a topic that is not a --topic, a topic routed twice, and malformed ones
+    (["--route", "other-topic=archive_signal"],
+     ["route", "'other-topic' is not a source topic", "no-such-topic-for-cli"]),
+    (["--route", "no-such-topic-for-cli=a", "--route", "no-such-topic-for-cli=b@q"],
+     ["route", "'no-such-topic-for-cli' is routed twice"]),
+    (["--route", "no-such-topic-for-cli"], ["route", "TOPIC=TASK"]),
+    (["--route", "no-such-topic-for-cli=task@"], ["route", "'no-such-topic-for-cli=task@'"]),
+    (["--route", "bad topic!=task"], ["route", "Kafka topic name"]),
 ]
 
 
@@ -186,7 +194,9 @@ def test_bad_flag_exits_2_with_one_line(args: list[str], words: list[str]) -> No
     ({"INGESTD_WORKERS": "many"}, ["workers", "INGESTD_WORKERS", "'many'"]),
     ({"KAFKA_TOPIC": "bad topic!"}, ["topic", "KAFKA_TOPIC", "'bad topic!'"]),
     ({"INGESTD_CONFIG": "/nonexistent/ingestd.toml"}, ["/nonexistent/ingestd.toml"]),
-], ids=["INGESTD_WORKERS", "KAFKA_TOPIC", "INGESTD_CONFIG"])
+    ({"INGESTD_TOPIC": "a,b", "INGESTD_ROUTE": "a=x,c=y"},
+     ["route", "INGESTD_ROUTE", "'c' is not a source topic"]),
+], ids=["INGESTD_WORKERS", "KAFKA_TOPIC", "INGESTD_CONFIG", "INGESTD_ROUTE"])
 def test_bad_environment_exits_2_with_one_line(env: dict[str, str], words: list[str]) -> None:
     args = [a for a in SAFE if a not in ("--topic", "no-such-topic-for-cli")]
     assert_one_line_error(run_cli(*args, env=env), words)
@@ -201,6 +211,8 @@ BAD_TOML = [
     ("batch_size = [1]\n", ["batch-size", "[1]", "a list"]),
     ("log_level = 3\n", ["log-level", "3", "a int"]),
     ("topic = 5\n", ["topic", "expected a list of strings"]),
+    ('topic = ["a"]\n[route]\nb = "archive_signal"\n', ["route", "'b' is not a source topic"]),
+    ('topic = ["a"]\n[route]\na = 1\n', ["route", "a list (or a table) of strings"]),
 ]
 
 

@@ -133,8 +133,8 @@ def dispatchers(broker_url: str, request: pytest.FixtureRequest,
         monkeypatch.setattr(codec, "native", None)
     made: list[dispatch.Dispatcher] = []
 
-    def make(queue: str = "celery", mode: str = "each") -> dispatch.RedisDispatcher:
-        d = dispatch.create(Config(broker_url=broker_url, queue=queue, dispatch=mode))
+    def make(queue: str = "celery", mode: str = "each", **config: Any) -> dispatch.RedisDispatcher:
+        d = dispatch.create(Config(broker_url=broker_url, queue=queue, dispatch=mode, **config))
         made.append(d)
         assert isinstance(d, dispatch.RedisDispatcher)
         return d
@@ -244,6 +244,74 @@ _hyp = settings(max_examples=60, deadline=None,
 
 
 # Fixtures run once per test, not per example: one dispatcher serves every example.
+
+
+# --- routes: topics to tasks on queues of their own ------------------------------------------
+
+def _routed(mode: str, queues: tuple[str, str]) -> tuple[dict[str, Any], list[dispatch.Task]]:
+    """Two topics routed to two tasks on two queues, and a batch that interleaves them:
+    each topic's tasks in offset order, as a consume hands them over."""
+    each = mode == "each"
+    routes = {"pulse_signals": (EACH_TASK if each else BATCH_TASK, queues[0]),
+              "pulse_events": ("archive_signal" if each else "archive_signals", queues[1])}
+    config = {"topic": tuple(routes),
+              "route": tuple(f"{t}={task}@{q}" for t, (task, q) in routes.items())}
+    tasks = []
+    for i, obj in enumerate(CURATED):
+        topic = list(routes)[i % 2]
+        if each:
+            tasks.append(dispatch.Task(f"{topic}-0-{i}", topic, [orjson.dumps(obj)], [obj]))
+        else:
+            objs = CURATED[: i + 1]
+            ids = [f"{topic}-0-{10 * i + k}" for k in range(len(objs))]
+            tasks.append(dispatch.slice_task(topic, [orjson.dumps(o) for o in objs], objs, ids))
+    return {"routes": routes, "config": config}, tasks
+
+
+def _send_task_as_routed(d: dispatch.Dispatcher, routes: dict[str, Any],
+                         tasks: list[dispatch.Task]) -> None:
+    app = d.app  # type: ignore[attr-defined]
+    for t in tasks:
+        task, queue = routes[t.topic]
+        extra = {"headers": {codec.RECORD_IDS: t.ids}} if t.ids is not None else {}
+        args = [t.objs] if t.ids is not None else t.objs
+        app.send_task(task, args=args, kwargs={}, task_id=t.task_id, queue=queue, **extra)
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("mode", ["each", "batch"])
+def test_redis_routed_batch_matches_send_task_on_each_queue(
+        dispatchers: Factory, redis_client: redis.Redis, mode: str) -> None:
+    """One batch for two routes goes out as one MULTI/EXEC of two LPUSHes: each queue
+    holds what send_task writes for its task and queue, in order."""
+    queues = ("ingestd-scores", "ingestd-archive")
+    routed, tasks = _routed(mode, queues)
+    d = dispatchers(mode=mode, **routed["config"])
+    _send_task_as_routed(d, routed["routes"], tasks)
+    theirs = {q: _drain(redis_client, q) for q in queues}
+    packed = d.prepare(tasks)
+    assert packed.data.startswith(dispatch.MULTI) and packed.replies == 4
+    d.send(packed)
+    ours = {q: _drain(redis_client, q) for q in queues}
+    for queue, (task, _) in zip(queues, routed["routes"].values(), strict=True):
+        assert len(ours[queue]) == len(theirs[queue]) == len(tasks) // 2
+        for mine, celery_s in zip(ours[queue], theirs[queue], strict=True):
+            assert_same_envelope(mine, celery_s)
+            assert json.loads(mine)["headers"]["task"] == task
+    assert d.queue_depths() == dict.fromkeys(queues, 0)
+
+
+@pytest.mark.stack
+def test_redis_topic_without_a_route_goes_by_task_and_queue(dispatchers: Factory,
+                                                            redis_client: redis.Redis) -> None:
+    d = dispatchers("ingestd-default", topic=("pulse_signals", "pulse_events"),
+                    route=("pulse_events=archive_signal@ingestd-archive",))
+    d.publish([dispatch.Task("pulse_signals-0-0", "pulse_signals", [b'{"a":1}'], [{"a": 1}]),
+               dispatch.Task("pulse_events-0-0", "pulse_events", [b'{"b":2}'], [{"b": 2}])])
+    (default,) = _drain(redis_client, "ingestd-default")
+    (archived,) = _drain(redis_client, "ingestd-archive")
+    assert json.loads(default)["headers"]["task"] == EACH_TASK
+    assert json.loads(archived)["headers"]["task"] == "archive_signal"
 
 
 @pytest.fixture
@@ -492,6 +560,32 @@ def test_amqp_each_matches_send_task_fuzzed(amqp_each: dispatch.AmqpDispatcher,
     d = amqp_each
     tasks = [dispatch.Task(f"t-1-{i}", "t", [orjson.dumps(o)], [o]) for i, o in enumerate(objs)]
     _amqp_compare(d, amqp_queue, EACH_TASK, [[o] for o in objs], tasks)
+
+
+@pytest.mark.amqp
+@pytest.mark.parametrize("mode", ["each", "batch"])
+def test_amqp_routed_batch_matches_send_task_on_each_queue(amqp_queue: str, mode: str) -> None:
+    """One batch for two routes, published on one confirm-mode channel: each queue holds
+    what send_task writes for its task and queue, in order."""
+    queues = (amqp_queue, f"{amqp_queue}-archive")
+    routed, tasks = _routed(mode, queues)
+    d = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, dispatch=mode, **routed["config"]))
+    try:
+        _send_task_as_routed(d, routed["routes"], tasks)
+        theirs = {q: _amqp_fetch(q, len(tasks) // 2) for q in queues}
+        d.publish(tasks)
+        ours = {q: _amqp_fetch(q, len(tasks) // 2) for q in queues}
+        for queue, (task, _) in zip(queues, routed["routes"].values(), strict=True):
+            for mine, celery_s in zip(ours[queue], theirs[queue], strict=True):
+                _assert_same_amqp(mine, celery_s)
+                assert mine.headers["task"] == task
+                assert mine.delivery_info["routing_key"] == queue
+        assert d.queue_depths() == dict.fromkeys(queues, 0)
+    finally:
+        d.close()
+        with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+            conn.default_channel.queue_delete(queues[1])
+            conn.default_channel.exchange_delete(queues[1])
 
 
 @pytest.mark.amqp
