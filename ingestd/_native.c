@@ -383,9 +383,9 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
             goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        /* a Task: (task_id, topic, [raw], [obj], ids) */
+        /* a Task: (task_id, topic, [raw], [obj], ...) */
         PyObject *task = PyTuple_GET_ITEM(tasks, i), *tag = PyTuple_GET_ITEM(tags, i);
-        PyObject *raws = PyTuple_Check(task) && PyTuple_GET_SIZE(task) == 5
+        PyObject *raws = PyTuple_Check(task) && PyTuple_GET_SIZE(task) >= 3
                          ? PyTuple_GET_ITEM(task, 2) : NULL;
         if (raws == NULL || !PyList_Check(raws) || PyList_GET_SIZE(raws) != 1 ||
             !PyBytes_Check(PyList_GET_ITEM(raws, 0)) || !PyBytes_Check(tag)) {

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - the dev install builds it
     _native = None  # type: ignore[assignment]
 native = _native  # None: the Python path (tests switch between the two here)
 
+_EMPTY_KWARGS = b", {}"  # how the body's tail starts: the kwargs send_task was given
 _MARK = "\x01ingestd-args\x01"
 _MARK_ID = "\x01ingestd-id\x01"
 # Batch tasks: the id of each record in the list, aligned with the signals
@@ -54,6 +55,12 @@ class Captured:
     headers: dict[str, Any]
     properties: dict[str, Any]  # correlation_id, reply_to, delivery_mode, priority, ...
     argsrepr_maxsize: int
+    kwargsrepr_maxsize: int
+
+    @property
+    def kwargs_tail(self) -> bytes:
+        """The body after the kwargs: :attr:`body_tail` without its empty ``{}``."""
+        return self.body_tail[len(_EMPTY_KWARGS):]
 
 
 class _RecordingProducer:
@@ -84,14 +91,14 @@ def capture(app: Celery, task: str, queue: str, batch: bool = False) -> Captured
     args_json = serialization.dumps([_MARK], serializer="json")[2]
     args_json = args_json.encode() if isinstance(args_json, str) else args_json
     head, found, tail = data.partition(args_json)
-    if not found or not data.startswith(b"["):
+    if not found or not data.startswith(b"[") or not tail.startswith(_EMPTY_KWARGS):
         raise RuntimeError(f"unexpected Celery body layout: {data!r}")
     headers = dict(kw.pop("headers"))
     for key in ("retry", "retry_policy", "declare", "timeout", "confirm_timeout", "compression"):
         kw.pop(key, None)
     exchange, routing_key = kw.pop("exchange"), kw.pop("routing_key")
     return Captured(head, tail, content_type, content_encoding, exchange or "", routing_key,
-                    headers, kw, app.amqp.argsrepr_maxsize)
+                    headers, kw, app.amqp.argsrepr_maxsize, app.amqp.kwargsrepr_maxsize)
 
 
 def argsrepr(args: list[Any], maxsize: int, shallow: bool = False) -> str:
@@ -165,17 +172,28 @@ def delivery_tags(n: int) -> list[bytes]:
     return [b"%b%012x" % (head, i) for i in range(start, start + n)]
 
 
+def kwargs_json(kwargs: dict[str, Any]) -> bytes:
+    """The task's kwargs as the body holds them."""
+    return orjson.dumps(kwargs)
+
+
 class MessageBuilder:
-    """Builds the task message for one signal (``each``) or a list of them (``batch``)."""
+    """Builds the task message for one signal (``each``) or a list of them (``batch``).
+
+    A task may carry ``kwargs`` (``--with-metadata``) and extra headers (a record's
+    trace context): ``send_task`` appends extra headers after its own, in order."""
 
     def __init__(self, captured: Captured) -> None:
         self.c = captured
         self._headers = captured.headers
         self._props = captured.properties
 
-    def body(self, raws: Sequence[bytes], batch: bool) -> bytes:
+    def body(self, raws: Sequence[bytes], batch: bool,
+             kwargs: dict[str, Any] | None = None) -> bytes:
         """The serialized ``[args, kwargs, embed]`` with each record's bytes spliced in."""
         inner = b"[[" + b", ".join(raws) + b"]]" if batch else b"[" + raws[0] + b"]"
+        if kwargs:
+            return self.c.body_head + inner + b", " + kwargs_json(kwargs) + self.c.kwargs_tail
         return self.c.body_head + inner + self.c.body_tail
 
     def argsrepr(self, raws: Sequence[bytes], args: list[Any], batch: bool) -> str:
@@ -185,12 +203,18 @@ class MessageBuilder:
         return text
 
     def headers(self, task_id: str, raws: Sequence[bytes], args: list[Any],
-                batch: bool, ids: Sequence[str] | None = None) -> dict[str, Any]:
+                batch: bool, ids: Sequence[str] | None = None,
+                kwargs: dict[str, Any] | None = None,
+                extra: dict[str, str] | None = None) -> dict[str, Any]:
         h = self._headers.copy()
         h["id"] = h["root_id"] = task_id
         h["argsrepr"] = self.argsrepr(raws, args, batch)
+        if kwargs:
+            h["kwargsrepr"] = str(saferepr(kwargs, self.c.kwargsrepr_maxsize))
         if RECORD_IDS in h:
             h[RECORD_IDS] = list(ids or ())
+        if extra:
+            h.update(extra)
         return h
 
     def properties(self, task_id: str) -> dict[str, Any]:
@@ -221,12 +245,7 @@ class RedisEnvelopes:
                    "argsrepr": marks["argsrepr"]}
         if RECORD_IDS in headers:
             headers[RECORD_IDS] = marks["ids"]
-        props = {"priority": 0, **c.properties, "correlation_id": marks["id"],
-                 "delivery_info": {"exchange": c.exchange, "routing_key": c.routing_key},
-                 "body_encoding": "base64", "delivery_tag": marks["tag"]}
-        template = orjson.dumps({"body": marks["body"], "content-encoding": c.content_encoding,
-                                 "content-type": c.content_type, "headers": headers,
-                                 "properties": props})
+        template = orjson.dumps(self._envelope(marks["body"], headers, marks["id"], marks["tag"]))
         # Strings' contents (body, id, tag) go between the template's own quotes;
         # argsrepr and ids are whole JSON values.
         needles = {slot: orjson.dumps(m) if slot in self._JSON else orjson.dumps(m)[1:-1]
@@ -244,6 +263,27 @@ class RedisEnvelopes:
         # An each-mode body around the record's bytes: [[record], {}, embed]
         self._head, self._tail = c.body_head + b"[", b"]" + c.body_tail
 
+    def _envelope(self, body: str, headers: dict[str, Any], task_id: str,
+                  delivery_tag: str) -> dict[str, Any]:
+        """The envelope as kombu's Redis transport builds it (``prepare_message``, then
+        the virtual channel's body encoding, delivery info and tag)."""
+        c = self.b.c
+        props = {"priority": 0, **c.properties, "correlation_id": task_id,
+                 "delivery_info": {"exchange": c.exchange, "routing_key": c.routing_key},
+                 "body_encoding": "base64", "delivery_tag": delivery_tag}
+        return {"body": body, "content-encoding": c.content_encoding,
+                "content-type": c.content_type, "headers": headers, "properties": props}
+
+    def encode_full(self, task_id: str, body: bytes, headers: dict[str, Any],
+                    delivery_tag: bytes) -> bytes:
+        """The envelope of a message whose headers are not the template's: with a
+        record's trace context, or ``kwargs`` (``--with-metadata``). A dict serialized
+        per message: some microseconds more than the template."""
+        envelope: bytes = orjson.dumps(self._envelope(
+            binascii.b2a_base64(body, newline=False).decode(), headers, task_id,
+            delivery_tag.decode()))
+        return envelope
+
     def encode_batch(self, task_id: str, raws: Sequence[bytes], args: list[Any],
                      delivery_tag: bytes, ids: Sequence[str]) -> bytes:
         """The envelope of a ``batch``-mode task: ``args`` is ``[[signal, ...]]``, ``ids``
@@ -258,9 +298,10 @@ class RedisEnvelopes:
         ))
         return envelope
 
-    def encode_each(self, tasks: Sequence[tuple[str, str, list[bytes], list[Any], Any]],
+    def encode_each(self, tasks: Sequence[tuple[Any, ...]],
                     tags: Sequence[bytes]) -> list[bytes]:
-        """The envelopes of ``each``-mode tasks (``task_id, topic, [raw], [obj], None``):
+        """The envelopes of ``each``-mode tasks (``task_id, topic, [raw], [obj], ...``)
+        without kwargs or extra headers:
         in C when ``ingestd._native`` is built, else in one Python loop. It runs once per
         signal, so its names are bound to locals and the body and argsrepr are built
         inline (:meth:`MessageBuilder.body` and :func:`record_argsrepr`)."""
@@ -271,13 +312,13 @@ class RedisEnvelopes:
         fmt, pick, b64, slow = self._format, self._pick, binascii.b2a_base64, record_argsrepr
         out: list[bytes] = []
         add = out.append
-        for (task_id, _topic, raws, args, _ids), tag in zip(tasks, tags, strict=True):
-            raw = raws[0]
-            add(fmt % pick((b64(head + raw + tail, newline=False), task_id.encode(),
-                            slow(raw, args[0], maxsize), tag, b"[]")))
+        for task, tag in zip(tasks, tags, strict=True):
+            raw = task[2][0]
+            add(fmt % pick((b64(head + raw + tail, newline=False), task[0].encode(),
+                            slow(raw, task[3][0], maxsize), tag, b"[]")))
         return out
 
-    def lpush_each(self, key: bytes, tasks: Sequence[tuple[str, str, list[bytes], list[Any], Any]],
+    def lpush_each(self, key: bytes, tasks: Sequence[tuple[Any, ...]],
                    tags: Sequence[bytes]) -> bytes | None:
         """``LPUSH key`` of the envelopes of :meth:`encode_each`, in RESP: written by C straight
         into one buffer (no bytes object per envelope, no second copy), as

@@ -230,6 +230,11 @@ class Config:
         help="each: one task per signal; batch: one task per partition slice of a batch")
     batch_task: str = setting("ingest_and_score_signals", metavar="NAME",
                               help="task name in batch dispatch, args [[signal, ...]]")
+    with_metadata: bool = setting(
+        False, parse=_bool,
+        help="give each task the keyword argument kafka: its record's topic, partition, "
+             "offset, timestamp, key and headers (in batch dispatch, a list aligned with the "
+             "signals)")
     schema: str = setting(
         "signal", metavar="SCHEMA", check=_schema,
         help="signal, object (any JSON object) or module:Struct (a msgspec Struct)")
@@ -428,10 +433,14 @@ def build_parser(prog: str = "ingestd", description: str = "Move signals from Ka
         spec = spec_of(f)
         names = [spec.short, flag_of(f)] if spec.short else [flag_of(f)]
         default = spec.default_doc or default_of(f)
+        help_text = f"{spec.help} (env {env_of(f)}; default: {default!r})"
+        if isinstance(default_of(f), bool):  # a switch: the flag alone turns it on
+            p.add_argument(*names, dest=f.name, action="store_const", const=True,
+                           help=help_text)
+            continue
         action = p.add_argument(*names, dest=f.name, metavar=spec.metavar,
                                 action="append" if spec.repeatable else "store",
-                                choices=spec.choices or None,
-                                help=f"{spec.help} (env {env_of(f)}; default: {default!r})")
+                                choices=spec.choices or None, help=help_text)
         if spec.choices:  # argparse checks choices after type: --log-level debug is fine
             action.type = spec.parse
     return p
@@ -598,7 +607,8 @@ def options_table() -> str:
     for f in SETTINGS:
         spec = spec_of(f)
         flag = f"`{spec.short} {spec.metavar}`, " if spec.short else ""
-        arg = f" {spec.metavar}" if spec.metavar else (" " + "\\|".join(spec.choices))
+        arg = f" {spec.metavar}" if spec.metavar else (
+            " " + "\\|".join(spec.choices) if spec.choices else "")
         default = spec.default_doc or f"`{default_of(f)!r}`"
         rows.append(f"| {flag}`{flag_of(f)}{arg}` | `{env_of(f)}` | {default} | "
                     f"{spec.help.replace('%%', '%')} |")

@@ -16,6 +16,7 @@ stops answering refuses the batch, which the worker retries.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -32,7 +33,9 @@ BROKER_TIMEOUT = 10.0  # a socket read or write, and the wait for AMQP confirms
 
 class Task(NamedTuple):
     """One task to send: its id, the records' bytes and their decoded objects, and in
-    batch dispatch each record's own id (:data:`codec.RECORD_IDS`).
+    batch dispatch each record's own id (:data:`codec.RECORD_IDS`); with
+    ``--with-metadata`` each record's ``kafka`` dict (:func:`metadata.kafka_metadata`),
+    and in each dispatch the record's trace context headers, where it has them.
 
     A NamedTuple: one is built per record, and a frozen dataclass costs three
     times as much to create.
@@ -43,12 +46,25 @@ class Task(NamedTuple):
     raws: list[bytes]
     objs: list[Any]
     ids: list[str] | None = None
+    meta: list[dict[str, Any]] | None = None
+    trace: dict[str, str] | None = None
 
 
-def slice_task(topic: str, raws: list[bytes], objs: list[Any], ids: list[str]) -> Task:
+_TRACE = operator.itemgetter(6)  # Task.trace, read in C: a batch's check costs no Python loop
+
+
+def slice_task(topic: str, raws: list[bytes], objs: list[Any], ids: list[str],
+               meta: list[dict[str, Any]] | None = None) -> Task:
     """A batch task: the records of one partition, in order. Its id names the first and
     the last record's offset: ``<topic>-<partition>-<first>-<last>``."""
-    return Task(f"{ids[0]}-{ids[-1].rsplit('-', 1)[1]}", topic, raws, objs, ids)
+    return Task(f"{ids[0]}-{ids[-1].rsplit('-', 1)[1]}", topic, raws, objs, ids, meta)
+
+
+def task_kwargs(task: Task, batch: bool) -> dict[str, Any] | None:
+    """The task's keyword arguments: ``kafka``, with ``--with-metadata``."""
+    if task.meta is None:
+        return None
+    return {"kafka": task.meta if batch else task.meta[0]}
 
 
 class Dispatcher(Protocol):
@@ -114,6 +130,7 @@ class _Base:
         self.app = app
         self.config = config
         self.batch = config.dispatch == "batch"
+        self.with_metadata = config.with_metadata
         self._by_route: dict[Route, Target] = {}
         self.targets: dict[str, Target] = {}  # by topic
         for topic in config.topic:
@@ -257,11 +274,25 @@ class RedisDispatcher(_Base):
         default for the first source topic's target."""
         target = target or self.targets[self.config.topic[0]]
         tags = tags or codec.delivery_tags(len(tasks))
-        if not self.batch:
+        if self._templated(tasks):
             return target.envelopes.encode_each(tasks, tags)
-        enc = target.envelopes.encode_batch
-        return [enc(t.task_id, t.raws, _args(t, True), tag, t.ids or [])
-                for t, tag in zip(tasks, tags, strict=True)]
+        return [self._encode(target, t, tag) for t, tag in zip(tasks, tags, strict=True)]
+
+    def _templated(self, tasks: Sequence[Task]) -> bool:
+        """Whether every task's envelope comes from the each-mode template (in C where
+        built): no kwargs, no trace context."""
+        return not (self.batch or self.with_metadata or any(map(_TRACE, tasks)))
+
+    def _encode(self, target: RedisTarget, t: Task, tag: bytes) -> bytes:
+        batch, envelopes = self.batch, target.envelopes
+        if t.meta is None and t.trace is None:
+            if batch:
+                return envelopes.encode_batch(t.task_id, t.raws, _args(t, True), tag, t.ids or [])
+            return envelopes.encode_each([t], [tag])[0]
+        b, kwargs = target.builder, task_kwargs(t, batch)
+        return envelopes.encode_full(
+            t.task_id, b.body(t.raws, batch, kwargs),
+            b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids, kwargs, t.trace), tag)
 
     def prepare(self, tasks: Sequence[Task]) -> Packed:
         """The whole LPUSH command (one per queue key, in a transaction when there are
@@ -277,7 +308,8 @@ class RedisDispatcher(_Base):
 
     def _lpush(self, target: RedisTarget, tasks: list[Task]) -> bytes:
         tags = codec.delivery_tags(len(tasks))
-        packed = None if self.batch else target.envelopes.lpush_each(target.key, tasks, tags)
+        packed = (target.envelopes.lpush_each(target.key, tasks, tags)
+                  if self._templated(tasks) else None)
         return packed if packed is not None else pack_lpush(
             target.key, self.encode(tasks, tags, target))
 
@@ -363,9 +395,11 @@ class AmqpDispatcher(_Base):
         out: Prepared = []
         for target, group in self.split(tasks):
             c, b = target.captured, target.builder
-            out += [(c, b.body(t.raws, batch),
-                     b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids),
-                     b.properties(t.task_id)) for t in group]
+            for t in group:
+                kwargs = task_kwargs(t, batch)
+                out.append((c, b.body(t.raws, batch, kwargs),
+                            b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids, kwargs,
+                                      t.trace), b.properties(t.task_id)))
         return out
 
     def send(self, prepared: Prepared) -> None:

@@ -43,6 +43,7 @@ from ingestd.dlq import DeadLetter, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
 from ingestd.heartbeat import READY, REJOIN, REPLACE
 from ingestd.inflight import InFlight
+from ingestd.metadata import kafka_metadata, trace_context
 from ingestd.offsets import Offsets
 from ingestd.quarantine import DETAIL as QUARANTINED
 from ingestd.quarantine import Holding, Quarantine, Range, ranges_of
@@ -257,9 +258,11 @@ class Worker:
         new, task, add_task = tuple.__new__, dispatch.Task, batch.tasks.append
         offsets, consumed = batch.offsets, batch.consumed
         each = self.config.dispatch == "each"
+        with_metadata = self.config.with_metadata
         size, max_size = 0, self.config.max_batch_bytes
         quarantine = self.quarantine or None
-        slices: dict[tuple[str, int], tuple[str, list[bytes], list[Any], list[str]]] = {}
+        slices: dict[tuple[str, int], tuple[str, list[bytes], list[Any], list[str],
+                                            list[dict[str, Any]] | None]] = {}
         oldest = 0
         run: tuple[str, int] | None = None  # the partition of the current run
         mine = False
@@ -305,14 +308,20 @@ class Worker:
                 continue
             assert raw is not None  # check() refuses tombstones
             if each:
-                add_task(new(task, (f"{prefix}{offset}", topic, [raw], [obj], None)))
+                headers = msg.headers()  # None, and cheap, for a record without headers
+                add_task(new(task, (f"{prefix}{offset}", topic, [raw], [obj], None,
+                                    [kafka_metadata(msg)] if with_metadata else None,
+                                    trace_context(headers) if headers else None)))  # type: ignore[arg-type]
             else:
-                _, raws, objs, ids = slices.setdefault(run, (topic, [], [], []))
+                _, raws, objs, ids, meta = slices.setdefault(
+                    run, (topic, [], [], [], [] if with_metadata else None))
                 raws.append(raw)
                 objs.append(obj)
                 ids.append(f"{prefix}{offset}")
-        for topic, raws, objs, ids in slices.values():
-            add_task(dispatch.slice_task(topic, raws, objs, ids))
+                if meta is not None:
+                    meta.append(kafka_metadata(msg))
+        for topic, raws, objs, ids, meta in slices.values():
+            add_task(dispatch.slice_task(topic, raws, objs, ids, meta))
         batch.oldest_ms = oldest
         batch.records = messages
         return batch
@@ -665,9 +674,11 @@ def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatc
             kept.append(task)
             continue
         ids = task.ids or [task.task_id]
+        meta: list[Any] = list(task.meta or ()) or [None] * len(ids)
         good = []
-        for rid, raw, obj in zip(ids, task.raws, task.objs, strict=True):
-            one = dispatch.Task(rid, task.topic, [raw], [obj], task.ids and [rid])
+        for rid, raw, obj, m in zip(ids, task.raws, task.objs, meta, strict=True):
+            one = dispatch.Task(rid, task.topic, [raw], [obj], task.ids and [rid],
+                                None if m is None else [m], task.trace)
             exc = _fails(prepare, one)
             if exc is None:
                 good.append(one)
@@ -680,7 +691,9 @@ def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatc
         elif good:
             kept.append(dispatch.slice_task(task.topic, [t.raws[0] for t in good],
                                             [t.objs[0] for t in good],
-                                            [t.task_id for t in good]))
+                                            [t.task_id for t in good],
+                                            None if task.meta is None else
+                                            [t.meta[0] for t in good if t.meta]))
     return kept, letters
 
 

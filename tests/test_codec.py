@@ -314,6 +314,100 @@ def test_redis_topic_without_a_route_goes_by_task_and_queue(dispatchers: Factory
     assert json.loads(archived)["headers"]["task"] == "archive_signal"
 
 
+# --- kwargs (--with-metadata) and extra headers (trace context) ------------------------------
+
+TRACE = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+         "tracestate": "vendor=opaque,other=x"}
+
+
+def kafka_meta(i: int) -> dict[str, Any]:
+    """A ``kafka`` keyword argument as :func:`ingestd.metadata.kafka_metadata` builds it:
+    UTF-8 and base64 keys and header values, a missing key, long headers (kwargsrepr is
+    cut at 1024 characters)."""
+    key, b64 = [("host-1", []), ("AAEC/w==", ["key"]), (None, []), ("ключ😀", [])][i % 4]
+    headers = [["traceparent", TRACE["traceparent"]], ["bin", "/w=="], ["none", None],
+               ["long", "x" * (2000 if i % 3 == 0 else 10)]]
+    return {"topic": "pulse_signals", "partition": i % 3, "offset": 1000 + i,
+            "timestamp": 1732800000000 + i if i % 5 else None, "key": key,
+            "headers": headers, "base64": [*b64, "headers.1"]}
+
+
+def _extras_tasks(mode: str, meta: bool, trace: bool) -> tuple[list[dispatch.Task],
+                                                                list[dict[str, Any]]]:
+    """Tasks with kwargs and/or trace headers (every other one traced), and the
+    ``send_task`` options that build the same messages."""
+    tasks, options = [], []
+    for i, obj in enumerate(CURATED):
+        traced = trace and i % 2 == 0
+        if mode == "each":
+            m = kafka_meta(i)
+            tasks.append(dispatch.Task(f"pulse_signals-0-{i}", "pulse_signals",
+                                       [orjson.dumps(obj)], [obj], None, [m] if meta else None,
+                                       dict(TRACE) if traced else None))
+            options.append({"args": [obj], "kwargs": {"kafka": m} if meta else {},
+                            "headers": dict(TRACE) if traced else None})
+        else:
+            objs = CURATED[: i + 1]
+            ms = [kafka_meta(10 * i + k) for k in range(len(objs))]
+            ids = [f"pulse_signals-0-{10 * i + k}" for k in range(len(objs))]
+            tasks.append(dispatch.slice_task("pulse_signals", [orjson.dumps(o) for o in objs],
+                                             objs, ids, ms if meta else None))
+            options.append({"args": [objs], "kwargs": {"kafka": ms} if meta else {},
+                            "headers": {codec.RECORD_IDS: ids}})
+    return tasks, options
+
+
+EXTRAS = [("each", True, False), ("each", False, True), ("each", True, True),
+          ("batch", True, False)]
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize(("mode", "meta", "trace"), EXTRAS,
+                         ids=["each-metadata", "each-trace", "each-both", "batch-metadata"])
+def test_redis_kwargs_and_trace_headers_match_send_task(
+        dispatchers: Factory, redis_client: redis.Redis, mode: str, meta: bool,
+        trace: bool) -> None:
+    """``kafka=`` and a record's trace context make the message send_task makes with the
+    same kwargs and headers; in a batch where only some records carry a trace."""
+    d = dispatchers(mode=mode, with_metadata=meta)
+    tasks, options = _extras_tasks(mode, meta, trace)
+    task_name = EACH_TASK if mode == "each" else BATCH_TASK
+    for t, opts in zip(tasks, options, strict=True):
+        d.app.send_task(task_name, task_id=t.task_id, queue="celery", **opts)
+    theirs = _drain(redis_client, "celery")
+    d.publish(tasks)
+    ours = _drain(redis_client, "celery")
+    assert len(ours) == len(theirs) == len(tasks)
+    for mine, celery_s, opts in zip(ours, theirs, options, strict=True):
+        assert_same_envelope(mine, celery_s)
+        envelope = json.loads(mine)
+        assert _decode_body(envelope)[1] == opts["kwargs"]
+        for name in TRACE:
+            assert envelope["headers"].get(name) == (opts["headers"] or {}).get(name)
+
+
+@pytest.mark.amqp
+@pytest.mark.parametrize(("mode", "meta", "trace"), EXTRAS,
+                         ids=["each-metadata", "each-trace", "each-both", "batch-metadata"])
+def test_amqp_kwargs_and_trace_headers_match_send_task(
+        amqp_dispatchers: Callable[..., dispatch.AmqpDispatcher], amqp_queue: str, mode: str,
+        meta: bool, trace: bool) -> None:
+    d = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, queue=amqp_queue, dispatch=mode,
+                               with_metadata=meta))
+    try:
+        tasks, options = _extras_tasks(mode, meta, trace)
+        task_name = EACH_TASK if mode == "each" else BATCH_TASK
+        for t, opts in zip(tasks, options, strict=True):
+            d.app.send_task(task_name, task_id=t.task_id, queue=amqp_queue, **opts)
+        theirs = _amqp_fetch(amqp_queue, len(tasks))
+        d.publish(tasks)
+        ours = _amqp_fetch(amqp_queue, len(tasks))
+        for mine, celery_s in zip(ours, theirs, strict=True):
+            _assert_same_amqp(mine, celery_s)
+    finally:
+        d.close()
+
+
 @pytest.fixture
 def each_fuzz(dispatchers: Factory) -> dispatch.RedisDispatcher:
     return dispatchers("fuzz-each")

@@ -1,0 +1,68 @@
+"""What a task learns of its Kafka record besides the JSON: ``--with-metadata``'s ``kafka``
+keyword argument, and the record's W3C trace context.
+
+Both are read from the consumed message while its batch is decoded, and only
+where they apply: the metadata with ``--with-metadata``, the trace context for
+records that carry headers at all.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+# W3C Trace Context, as OpenTelemetry's propagators write it into Kafka headers, and as
+# opentelemetry-instrumentation-celery reads it from a task message's headers.
+TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
+MAX_TRACE_HEADER = 512  # W3C: tracestate holds at most 512 characters; traceparent 55
+
+
+def kafka_metadata(msg: Message) -> dict[str, Any]:
+    """The ``kafka`` keyword argument for the task of ``msg`` (a record without an error).
+
+    ``{"topic", "partition", "offset", "timestamp", "key", "headers", "base64"}``:
+    the timestamp in milliseconds since the epoch (None where the record has none);
+    the key, and each header as ``[name, value]`` in the record's order. Keys and
+    header values are strings where they are valid UTF-8, else base64 of their
+    bytes; ``base64`` names those (``"key"``, ``"headers.<index>"``)."""
+    encoded: list[str] = []
+
+    def text(value: bytes | str | None, where: str) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            encoded.append(where)
+            return base64.b64encode(value).decode()
+
+    kind, timestamp = msg.timestamp()
+    return {
+        "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+        "timestamp": None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp,
+        "key": text(msg.key(), "key"),
+        "headers": [[name, text(value, f"headers.{i}")]
+                    for i, (name, value) in enumerate(msg.headers() or ())],
+        "base64": encoded,
+    }
+
+
+def trace_context(headers: list[tuple[str, bytes | str | None]]) -> dict[str, str] | None:
+    """The record's ``traceparent`` and ``tracestate`` headers, as Celery message headers;
+    None without a ``traceparent`` (a tracestate alone continues nothing). Names match
+    in any case, as HTTP's do; the first of a name wins; values that are not printable
+    ASCII or longer than W3C allows are left out."""
+    found: dict[str, str] = {}
+    for name, value in headers:
+        low = name.lower()
+        if low not in (TRACEPARENT, TRACESTATE) or low in found or value is None:
+            continue
+        if len(value) <= MAX_TRACE_HEADER and value.isascii():
+            text = value if isinstance(value, str) else value.decode()
+            if text.isprintable():
+                found[low] = text
+    if TRACEPARENT not in found:
+        return None
+    return {name: found[name] for name in (TRACEPARENT, TRACESTATE) if name in found}

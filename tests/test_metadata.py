@@ -1,0 +1,108 @@
+"""``--with-metadata`` end to end, and the trace context a record's headers carry.
+
+A real ``celery worker`` runs the reference tasks, which record the ``kafka``
+keyword argument they got; the expected one is computed here from what was
+produced (keys, headers) and where Kafka put it (partition, offset, timestamp).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from ingestd import reference_tasks
+from ingestd.metadata import trace_context
+from tests import stack
+
+N = 200
+KEYS: list[bytes | None] = [b"host-1", b"\xff\x00 not utf-8", None, "ключ 😀".encode()]
+HEADERS: list[list[tuple[str, Any]] | None] = [
+    None,
+    [("source", b"edge-7"), ("blob", b"\xff\xfe\x00"), ("source", b"again")],
+    [("empty", b""), ("null", None), ("ünï", "çødé".encode())],
+]
+
+
+def _text(value: bytes | None, where: str, encoded: list[str]) -> str | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        encoded.append(where)
+        return base64.b64encode(value).decode()
+
+
+def expected_kafka(i: int, topic: str, partition: int, offset: int,
+                   timestamp: int) -> dict[str, Any]:
+    encoded: list[str] = []
+    key = _text(KEYS[i % len(KEYS)], "key", encoded)
+    headers = [[name, _text(value, f"headers.{k}", encoded)]
+               for k, (name, value) in enumerate(HEADERS[i % len(HEADERS)] or [])]
+    return {"topic": topic, "partition": partition, "offset": offset, "timestamp": timestamp,
+            "key": key, "headers": headers, "base64": encoded}
+
+
+@pytest.mark.parametrize("mode", ["each", "batch"])
+def test_tasks_get_the_kafka_keyword_argument(topic_factory: Callable[..., str],
+                                              broker_url: str, mode: str) -> None:
+    topic = topic_factory(partitions=2)
+    delivered: list[tuple[int, int, int]] = []
+    stack.produce(topic, (stack.signal_record(i) for i in range(N)), delivered=delivered,
+                  keys=(KEYS[i % len(KEYS)] for i in range(N)),
+                  headers=(HEADERS[i % len(HEADERS)] for i in range(N)))
+    timestamps = {(m.partition(), m.offset()): m.timestamp()[1]
+                  for m in stack.consume_all(topic, N)}
+    g = stack.group()
+    args = stack.ingestd_args(topic, g, broker_url, "--dispatch", mode, "--with-metadata")
+    results = redis.Redis.from_url(broker_url)
+    with stack.Ingestd(*args) as ingestd, stack.celery_worker(broker_url):
+        assert stack.wait_until(lambda: results.hlen(reference_tasks.KAFKA_KEY) >= N, 120), \
+            ingestd.output()
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()
+    got = {k.decode(): json.loads(v)
+           for k, v in results.hgetall(reference_tasks.KAFKA_KEY).items()}
+    expected = {f"{topic}-{p}-{o}": expected_kafka(i, topic, p, o, timestamps[(p, o)])
+                for i, p, o in delivered}
+    assert got == expected
+    assert int(results.get(reference_tasks.EXECUTED_KEY) or 0) == N
+
+
+def test_without_metadata_tasks_get_no_kwargs(topic_factory: Callable[..., str],
+                                              broker_url: str) -> None:
+    topic = topic_factory(partitions=1)
+    stack.produce(topic, [stack.signal_record(0)], keys=[b"k"], headers=[[("h", b"v")]])
+    with stack.Ingestd(*stack.ingestd_args(topic, stack.group(), broker_url)) as ingestd:
+        assert stack.wait_until(lambda: stack.queued_tasks(broker_url), 60), ingestd.output()
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    (task,) = stack.queued_tasks(broker_url)
+    assert task["kwargs"] == {} and task["kwargsrepr"] == "{}"
+    assert task["args"] == [json.loads(stack.signal_record(0))]
+
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ([("traceparent", TP.encode())], {"traceparent": TP}),
+    ([("tracestate", b"a=1"), ("x", b"y"), ("traceparent", TP.encode())],
+     {"traceparent": TP, "tracestate": "a=1"}),
+    ([("TraceParent", TP.encode()), ("traceparent", b"00-second")], {"traceparent": TP}),
+    ([("tracestate", b"a=1")], None),  # a tracestate alone continues nothing
+    ([("traceparent", None)], None),
+    ([("traceparent", "ünï".encode())], None),  # not ASCII
+    ([("traceparent", b"00-\n")], None),  # not printable
+    ([("traceparent", b"0" * 513)], None),  # longer than W3C allows
+    ([("other", b"x")], None),
+])
+def test_trace_context_from_record_headers(headers: list[tuple[str, bytes | None]],
+                                           expected: dict[str, str] | None) -> None:
+    assert trace_context(headers) == expected  # type: ignore[arg-type]
