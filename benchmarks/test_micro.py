@@ -10,6 +10,9 @@ Groups:
   (ingestd: the whole LPUSH command, in C and in Python);
   ``build message: argsrepr`` and ``build message: delivery_tag`` time two of its pieces.
 - ``publish``: 1000 messages into a real Redis list, as one batch.
+- ``decode+build: record headers``: a worker's decode and build of 1000 consumed records
+  without headers (the hot path), with headers but no trace context, each with a
+  ``traceparent``, and with ``--with-metadata``: what a record's headers cost.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -26,12 +30,15 @@ import pytest
 import redis
 from celery import Celery
 from celery.utils.saferepr import saferepr
+from confluent_kafka import Message
 from kombu import serialization
 from kombu.utils.json import dumps as kombu_dumps
 
-from benchmarks.conftest import N_RECORDS
+from benchmarks.conftest import N_RECORDS, TOPIC
 from ingestd import codec, dispatch, schema
 from ingestd.config import Config
+from ingestd.quarantine import Quarantine
+from ingestd.worker import Worker
 
 Benchmark = Any  # pytest_benchmark.fixture.BenchmarkFixture
 Signal = schema.Signal
@@ -134,7 +141,7 @@ def test_build_ingestd(benchmark: Benchmark, dispatcher: dispatch.RedisDispatche
     _records(benchmark)
     out = benchmark(dispatcher.prepare, tasks)
     _per_record(benchmark)
-    assert out.count(b'"delivery_tag"') == N_RECORDS
+    assert out.data.count(b'"delivery_tag"') == N_RECORDS
 
 
 @pytest.mark.stack
@@ -376,3 +383,61 @@ def test_publish_ingestd_end_to_end(benchmark: Benchmark, redis_client: redis.Re
                                     tasks: list[dispatch.Task]) -> None:
     """(e) ingestd's whole ``RedisDispatcher.publish``: encode + one LPUSH (compare with c)."""
     _publish(benchmark, redis_client, dispatcher.key, lambda: dispatcher.publish(tasks))
+
+
+# --------------------------------------------------------------- decode+build: record headers
+
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+HEADERS: dict[str, list[tuple[str, bytes]] | None] = {
+    "no headers": None,
+    "other headers": [("source", b"edge-7"), ("schema", b"v2")],
+    "traceparent": [("traceparent", TRACEPARENT), ("tracestate", b"vendor=x")],
+    "no headers, --with-metadata": None,
+}
+
+
+def _decoder(config: Config) -> Worker:
+    """A worker's decode, without its consumer and brokers: what ``Worker.decode`` reads."""
+    w = Worker.__new__(Worker)
+    w.config = config
+    w.validator = schema.Validator(config.schema, config.max_record_bytes,
+                                   config.max_record_items, typed=codec.native is not None)
+    w.assignment = SimpleNamespace(revision=0, owned={(TOPIC, 0)})  # type: ignore[assignment]
+    w.quarantine = Quarantine(())
+    w.carry = []
+    return w
+
+
+@pytest.fixture(params=list(HEADERS))
+def headed(request: pytest.FixtureRequest, config: Config, corpus: list[bytes]) -> Iterator[
+        tuple[str, Worker, dispatch.RedisDispatcher, list[Message]]]:
+    variant = request.param
+    cfg = Config(broker_url=config.broker_url, queue=config.queue,
+                 with_metadata=variant.endswith("--with-metadata"))
+    d = dispatch.create(cfg)
+    assert isinstance(d, dispatch.RedisDispatcher)
+    messages = [Message(topic=TOPIC, partition=0, offset=i, value=raw, key=b"host-1",
+                        headers=HEADERS[variant], timestamp=(1, 1732800000000 + i))
+                for i, raw in enumerate(corpus)]
+    yield variant, _decoder(cfg), d, messages
+    d.close()
+
+
+@pytest.mark.stack
+def test_decode_build_record_headers(
+        benchmark: Benchmark,
+        headed: tuple[str, Worker, dispatch.RedisDispatcher, list[Message]]) -> None:
+    """What the trace context and ``--with-metadata`` add per record, against records
+    without headers: those pay one ``Message.headers()`` call that returns None."""
+    variant, worker, d, messages = headed
+    benchmark.group = "decode+build: record headers"
+    benchmark.extra_info["variant"] = variant
+    _records(benchmark)
+
+    def run() -> dispatch.Packed:
+        return d.prepare(worker.decode(messages).tasks)
+
+    out = benchmark(run)
+    _per_record(benchmark)
+    assert out.data.count(b'"delivery_tag"') == N_RECORDS
+    assert (b"traceparent" in out.data) is (variant == "traceparent")

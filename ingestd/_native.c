@@ -364,6 +364,16 @@ static PyObject *encode_each(PyObject *module, PyObject *const *args, Py_ssize_t
     Out o = {NULL, NULL, 0};
     PyObject *result = NULL;
     if (tasks == NULL || tags == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* a task with extra headers (Task.trace): not this template's; the caller builds */
+        PyObject *task = PyTuple_GET_ITEM(tasks, i);
+        if (PyTuple_Check(task) && PyTuple_GET_SIZE(task) > 6 &&
+            PyTuple_GET_ITEM(task, 6) != Py_None) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto fail;
+        }
+    }
     if (repr == NULL) {
         PyErr_NoMemory();
         goto fail;
@@ -502,7 +512,8 @@ static PyMethodDef methods[] = {
      "fragments joined with, at each slot (0 body, 1 id, 2 argsrepr, 3 tag, 4 ids), the\n"
      "base64 of head + raw + tail, the task id, the argsrepr's JSON string (from\n"
      "fallback(task) where argsrepr() returns None), the delivery tag, and []. A list of\n"
-     "them; or, given a key, the command LPUSH key *envelopes in RESP."},
+     "them; or, given a key, the command LPUSH key *envelopes in RESP. None where a task\n"
+     "carries trace context headers (a 7th field that is not None): not the template's."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,7 +50,7 @@ class Task(NamedTuple):
     trace: dict[str, str] | None = None
 
 
-_TRACE = operator.itemgetter(6)  # Task.trace, read in C: a batch's check costs no Python loop
+_TRACE = operator.itemgetter(6)  # Task.trace, read in C: a batch's check runs no Python loop
 
 
 def slice_task(topic: str, raws: list[bytes], objs: list[Any], ids: list[str],
@@ -279,8 +279,8 @@ class RedisDispatcher(_Base):
         return [self._encode(target, t, tag) for t, tag in zip(tasks, tags, strict=True)]
 
     def _templated(self, tasks: Sequence[Task]) -> bool:
-        """Whether every task's envelope comes from the each-mode template (in C where
-        built): no kwargs, no trace context."""
+        """Whether every task's envelope comes from the each-mode template: no kwargs, no
+        trace context."""
         return not (self.batch or self.with_metadata or any(map(_TRACE, tasks)))
 
     def _encode(self, target: RedisTarget, t: Task, tag: bytes) -> bytes:
@@ -307,9 +307,11 @@ class RedisDispatcher(_Base):
         return Packed(b"".join((MULTI, *commands, EXEC)), len(commands) + 2)
 
     def _lpush(self, target: RedisTarget, tasks: list[Task]) -> bytes:
+        """In C where built, unless a task has kwargs or trace context (C looks for those
+        itself: records without headers pay no check here)."""
         tags = codec.delivery_tags(len(tasks))
-        packed = (target.envelopes.lpush_each(target.key, tasks, tags)
-                  if self._templated(tasks) else None)
+        packed = (None if self.batch or self.with_metadata else
+                  target.envelopes.lpush_each(target.key, tasks, tags))
         return packed if packed is not None else pack_lpush(
             target.key, self.encode(tasks, tags, target))
 

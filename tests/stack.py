@@ -179,11 +179,13 @@ def end_offsets(topic: str, partitions: int, bootstrap: str = BOOTSTRAP) -> dict
 
 @contextmanager
 def celery_worker(broker_url: str, queue: str = "celery", concurrency: int = 2,
-                  env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``celery worker`` running the reference tasks, stopped on exit."""
+                  env: dict[str, str] | None = None, app: str = "ingestd.reference_tasks",
+                  pool: str = "prefork") -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``celery worker`` running the reference tasks (or ``app``'s), stopped on
+    exit."""
     log = Path(os.environ.get("INGESTD_TEST_LOGS", "/tmp")) / f"celery-{uuid.uuid4().hex[:8]}.log"
     full_env = {**os.environ, "CELERY_BROKER_URL": broker_url, **(env or {})}
-    cmd = [sys.executable, "-m", "celery", "-A", "ingestd.reference_tasks", "worker",
+    cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", pool,
            "--loglevel", "INFO", "-Q", queue, "-c", str(concurrency), "--without-gossip",
            "--without-mingle", "--without-heartbeat", "-n", f"ref-{uuid.uuid4().hex[:8]}@%h"]
     with log.open("wb") as out:

@@ -503,6 +503,19 @@ def test_argsrepr_shortcut_for_few_brackets(obj: dict[str, Any]) -> None:
     assert codec.argsrepr([obj], 1024, codec.few_brackets(raw)) == saferepr([obj], 1024)
 
 
+@given(kwargs=st.dictionaries(_keys, json_values, max_size=4))
+def test_kwargsrepr_equals_saferepr(kwargs: dict[str, Any]) -> None:
+    assert codec.kwargsrepr(kwargs, 1024) == saferepr(kwargs, 1024)
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_kwargsrepr_of_kafka_metadata_equals_saferepr(i: int) -> None:
+    kwargs = {"kafka": kafka_meta(i)}
+    assert codec.kwargsrepr(kwargs, 1024) == saferepr(kwargs, 1024)
+    plain = {"kafka": {**kafka_meta(i), "key": "k", "headers": [["a", "b"], ["c", None]]}}
+    assert "[...]" in codec.kwargsrepr(plain, 1024)  # header pairs are four levels down
+
+
 @pytest.mark.parametrize("pad", range(1000, 1030))
 def test_argsrepr_at_the_truncation_boundary(pad: int) -> None:
     """Around len(repr) == maxsize the fast path must hand over to saferepr exactly."""

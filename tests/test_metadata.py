@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from ingestd import reference_tasks
 from ingestd.metadata import trace_context
@@ -106,3 +107,37 @@ TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 def test_trace_context_from_record_headers(headers: list[tuple[str, bytes | None]],
                                            expected: dict[str, str] | None) -> None:
     assert trace_context(headers) == expected  # type: ignore[arg-type]
+
+
+def test_a_traced_celery_worker_continues_the_records_trace(topic_factory: Callable[..., str],
+                                                            broker_url: str) -> None:
+    """A real ``celery worker`` with opentelemetry-instrumentation-celery and an in-memory
+    exporter (tests/traced_tasks.py) records each task's span in the trace of its
+    record's ``traceparent``, as a child of the producer's span; a record without one
+    starts a trace of its own."""
+    from tests.traced_tasks import SPANS_KEY
+
+    topic = topic_factory(partitions=1)
+    traces = [f"{i + 1:032x}" for i in range(3)]
+    parents = [f"{0xabc0 + i:016x}" for i in range(3)]
+    headers = [[("traceparent", f"00-{t}-{p}-01".encode()), ("tracestate", b"vendor=x")]
+               for t, p in zip(traces, parents, strict=True)] + [None]
+    stack.produce(topic, (stack.signal_record(i) for i in range(4)), partition=0,
+                  headers=headers)
+    results = redis.Redis.from_url(broker_url)
+    with stack.Ingestd(*stack.ingestd_args(topic, stack.group(), broker_url)) as ingestd, \
+            stack.celery_worker(broker_url, app="tests.traced_tasks", pool="solo") as worker:
+        assert stack.wait_until(lambda: results.hlen(reference_tasks.RUNS_KEY) >= 4, 90), \
+            ingestd.output()
+        Celery(broker=broker_url, set_as_current=False).send_task("traced.finished_spans")
+        assert stack.wait_until(lambda: results.get(SPANS_KEY), 60), worker
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    spans = [s for s in json.loads(results.get(SPANS_KEY))
+             if s["name"].startswith("run/ingest_and_score_signal")]
+    by_task = {s["task_id"]: s for s in spans}
+    assert set(by_task) == {f"{topic}-0-{o}" for o in range(4)}, spans
+    for offset, (trace_id, parent) in enumerate(zip(traces, parents, strict=True)):
+        span = by_task[f"{topic}-0-{offset}"]
+        assert (span["trace_id"], span["parent_span_id"]) == (trace_id, parent)
+    assert by_task[f"{topic}-0-3"]["trace_id"] not in traces
