@@ -39,6 +39,15 @@ STEPS = [
     ("test_build_ingestd[Python]", "... the same where `ingestd._native` is not built"),
     ("test_publish_lpush_multi", "publish: one multi-value LPUSH, wall time per record, "
                                  "Redis's own work included"),
+    ("test_decode_build_record_headers[no headers]",
+     "decode + build of a consumed record without headers (the hot path)"),
+    ("test_decode_build_record_headers[other headers]",
+     "... with headers, none of them trace context"),
+    ("test_decode_build_record_headers[traceparent]",
+     "... with `traceparent` and `tracestate` (passed on: the message is built from a dict)"),
+    ("test_decode_build_record_headers[no headers, --with-metadata]",
+     "... without headers, with `--with-metadata` (the `kafka` dict, its JSON and "
+     "`kwargsrepr`)"),
 ]
 
 
