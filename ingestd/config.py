@@ -267,6 +267,10 @@ class Config:
         0, parse=int, metavar="N", check=_non_negative,
         help="pause consuming while the Celery queue (with routes: their queues in all) holds "
              "more than N (0: off); resume below 80%%")
+    max_rate: float = setting(
+        0.0, parse=float, metavar="N", check=_non_negative,
+        help="most signals a second this host dispatches, all workers together (0: no "
+             "limit); over it, workers pause consuming until the host is under it again")
     metrics_addr: str = setting(
         "127.0.0.1:9102", metavar="HOST:PORT", check=_host_port,
         help='HTTP for /metrics, /livez (or /healthz), /readyz; "" disables')

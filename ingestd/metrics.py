@@ -46,6 +46,12 @@ worker_dispatched = Counter("ingestd_worker_dispatched_total",
 assigned_partitions = Gauge("ingestd_assigned_partitions",
                             "1 for each partition a live worker owns",
                             ["slot", "topic", "partition"], multiprocess_mode="livesum")
+# --max-rate: the limit (set by the supervisor), and how many workers it pauses now.
+max_rate = Gauge("ingestd_max_rate", "The host's dispatch limit in signals a second (0: none)",
+                 multiprocess_mode="livemax")
+rate_limited = Gauge("ingestd_rate_limited",
+                     "1 while a worker is paused because the host is over --max-rate",
+                     multiprocess_mode="livesum")
 unowned_partitions = Gauge("ingestd_unowned_partitions",
                            "Partitions of a subscribed topic that no member of the group owns",
                            ["topic"], multiprocess_mode="livemax")

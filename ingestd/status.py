@@ -127,6 +127,8 @@ def snapshot(now: Reading, before: Reading | None) -> dict[str, Any]:
         "backpressure_paused_workers": int(now.total("ingestd_backpressure_paused")),
         "unowned_partitions": int(now.total("ingestd_unowned_partitions")),
         "restarts": int(now.total("ingestd_worker_restarts_total")),
+        "max_rate": detail.get("max_rate") or 0,
+        "rate_limited_workers": int(now.total("ingestd_rate_limited")),
     }
 
 
@@ -153,6 +155,10 @@ def render(status: dict[str, Any], url: str) -> str:
     lines += ["", f"lag {status['lag']:,}; backpressure "
                   f"{f'pausing {paused} workers' if paused else 'off'}; partitions without an "
                   f"owner {status['unowned_partitions']}; restarts {status['restarts']}"]
+    if status["max_rate"]:
+        limited = status["rate_limited_workers"]
+        lines.append(f"rate limit {_number(status['max_rate'])}/s: "
+                     f"{f'pausing {limited} workers' if limited else 'not limiting'}")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
 from ingestd.heartbeat import READY, REJOIN, REPLACE, STARTING, Heartbeat
 from ingestd.quarantine import Holding, Range, Suspects
+from ingestd.ratelimit import RateLimit
 from ingestd.systemd import Notifier
 
 log = logs.get("supervisor")
@@ -82,6 +83,8 @@ class Supervisor:
         self.rolling: list[int] = []  # slots a HUP has yet to replace
         self.drain_failed = False
         self.systemd = Notifier()
+        self.rate_limit = RateLimit(self.config.max_rate)  # shared with every worker
+        _set_max_rate(self.config.max_rate)
         self._pipe_r, self._pipe_w = os.pipe()
         os.set_blocking(self._pipe_r, False)
         os.set_blocking(self._pipe_w, False)
@@ -164,9 +167,11 @@ class Supervisor:
 
     def spawn(self, slot: int) -> None:
         config, holding, quarantined = self.config, Holding(), list(self.suspects.quarantined)
+        rate_limit = self.rate_limit
         pid, heartbeat = self._fork(
             f"ingestd-w{slot}",
-            lambda beat, early: run_worker(config, slot, beat, early, holding, quarantined))
+            lambda beat, early: run_worker(config, slot, beat, early, holding, quarantined,
+                                           rate_limit))
         self.workers[slot] = WorkerHandle(slot, pid, heartbeat, holding,
                                           generation=self.generation)
         log.info("worker %d started (pid %d)", slot, pid)
@@ -398,6 +403,9 @@ class Supervisor:
             return
         log.info("HUP: configuration reloaded; replacing workers one at a time")
         self.config = loaded.config
+        if self.config.max_rate != self.rate_limit.rate:
+            self.rate_limit.configure(self.config.max_rate)
+            _set_max_rate(self.config.max_rate)
         self.stop_watcher()  # restarted with the new configuration
         self.target = self.config.workers
         self.generation += 1
@@ -445,6 +453,8 @@ class Supervisor:
                               "uptime_seconds": round(now - handle.started, 1) if handle
                               else None})
         return {"target": self.target, "draining": self.draining_until is not None,
+                "max_rate": self.config.max_rate,
+                "rate_limited": self.config.max_rate > 0 and self.rate_limit.debt() > 0,
                 "workers": slots}
 
     def _state(self, handle: WorkerHandle | None) -> str:
@@ -472,7 +482,8 @@ def _child_of(parent: int, name: str) -> None:
 
 
 def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int],
-               holding: Holding | None = None, quarantined: Sequence[Range] = ()) -> int:
+               holding: Holding | None = None, quarantined: Sequence[Range] = (),
+               rate_limit: RateLimit | None = None) -> int:
     """The worker process's main; returns its exit code. ``holding`` is told which
     records the worker holds, up to an exit ingestd meant."""
     logs.configure(config.log_format, config.log_level, role="worker", slot=slot)
@@ -481,7 +492,7 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]
     from ingestd.worker import Worker  # imported after fork: librdkafka is not fork-safe
 
     try:
-        worker = Worker(config, slot, heartbeat.beat, holding, quarantined)
+        worker = Worker(config, slot, heartbeat.beat, holding, quarantined, rate_limit)
     except Exception as exc:
         log.error("worker %d cannot boot: %s", slot, exc,
                   exc_info=not isinstance(exc, IngestdError))
@@ -534,6 +545,12 @@ def _count_restart() -> None:
     from ingestd import metrics
 
     metrics.worker_restarts.inc()
+
+
+def _set_max_rate(rate: float) -> None:
+    from ingestd import metrics
+
+    metrics.max_rate.set(rate)
 
 
 def _set_alive(n: int) -> None:

@@ -47,6 +47,7 @@ from ingestd.metadata import kafka_metadata, trace_context
 from ingestd.offsets import Offsets
 from ingestd.quarantine import DETAIL as QUARANTINED
 from ingestd.quarantine import Holding, Quarantine, Range, ranges_of
+from ingestd.ratelimit import RateLimit, batch_cap
 from ingestd.schema import INTERNAL, Validator
 
 log = logs.get("worker")
@@ -98,8 +99,13 @@ class Worker:
 
     def __init__(self, config: Config, slot: int = 0,
                  beat: Callable[[str], None] | None = None, holding: Holding | None = None,
-                 quarantined: Sequence[Range] = ()) -> None:
+                 quarantined: Sequence[Range] = (), rate_limit: RateLimit | None = None) -> None:
         self.config = config
+        # --max-rate: the host's bucket (the supervisor's; a worker of its own without one)
+        self.rate_limit = rate_limit if rate_limit is not None or not config.max_rate \
+            else RateLimit(config.max_rate)
+        self.rate_paused_until = 0.0
+        self.batch_size = min(config.batch_size, batch_cap(config.max_rate) or config.batch_size)
         self.slot = slot
         self.beat = beat or (lambda status: None)
         self.holding = holding
@@ -184,6 +190,7 @@ class Worker:
                 if batch.revision != self.assignment.revision:
                     batch = self._without_revoked(batch)
                 self.watch.handed_over(len(batch.tasks))
+                self._take_rate(batch)
                 batch.drop_objects()
                 self.inflight.submit(batch, self.publish)
             self.settle()
@@ -205,12 +212,13 @@ class Worker:
         self._update_status()
         self.assignment.refresh()
         self.watch.check()
+        self._check_rate()
 
     def consume(self) -> list[Message]:
         """The next batch: what was carried over, then what Kafka has, up to the batch size
         (:meth:`decode` cuts it at ``--max-batch-bytes``). While the partitions are paused
         (backpressure) nothing is handed on: what was carried waits with them."""
-        n, carry = self.config.batch_size, self.carry
+        n, carry = self.batch_size, self.carry
         if self.paused_by:
             self.carry += self.consumer.consume(n, self.config.batch_timeout_ms / 1000)
             return []
@@ -526,6 +534,35 @@ class Worker:
                 self.consumer.pause(tps)
             else:
                 self.consumer.resume(tps)
+
+    def _take_rate(self, batch: Batch) -> None:
+        """--max-rate: take the batch's signals from the host's bucket. The batch goes out
+        all the same; if that took the bucket into debt, the partitions pause until it is
+        out of it (:meth:`_check_rate`)."""
+        if self.rate_limit is None:
+            return
+        wait = self.rate_limit.take(sum(len(t.raws) for t in batch.tasks))
+        if wait > 0:
+            self.rate_paused_until = time.monotonic() + wait
+            if "rate" not in self.paused_by:
+                self._pause("rate", True)
+                self.metrics.rate_limited.set(1)
+
+    def _check_rate(self) -> None:
+        """Once per loop: pause while the host is over --max-rate (other workers may have
+        taken the bucket into debt), resume once it is not."""
+        if self.rate_limit is None or time.monotonic() < self.rate_paused_until:
+            return
+        wait = self.rate_limit.debt()
+        paused = "rate" in self.paused_by
+        if wait > 0:
+            self.rate_paused_until = time.monotonic() + wait
+            if not paused:
+                self._pause("rate", True)
+                self.metrics.rate_limited.set(1)
+        elif paused:
+            self._pause("rate", False)
+            self.metrics.rate_limited.set(0)
 
     def _backpressure(self, on: bool) -> None:
         self._pause("backpressure", on)
