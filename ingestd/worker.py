@@ -101,9 +101,10 @@ class Worker:
                  beat: Callable[[str], None] | None = None, holding: Holding | None = None,
                  quarantined: Sequence[Range] = (), rate_limit: RateLimit | None = None) -> None:
         self.config = config
-        # --max-rate: the host's bucket (the supervisor's; a worker of its own without one)
-        self.rate_limit = rate_limit if rate_limit is not None or not config.max_rate \
-            else RateLimit(config.max_rate)
+        # --max-rate: the host's bucket (the supervisor's; a worker of its own without one).
+        # Without a limit, none: a batch then costs no lock.
+        self.rate_limit = (rate_limit or RateLimit(config.max_rate)) if config.max_rate \
+            else None
         self.rate_paused_until = 0.0
         self.batch_size = min(config.batch_size, batch_cap(config.max_rate) or config.batch_size)
         self.slot = slot
