@@ -76,9 +76,8 @@ def check_broker(config: cfg.Config) -> list[str]:
         return [f"{broker}: {exc}"]
     except Exception as exc:
         return [f"{broker}: unreachable ({exc})"]
-    print(f"{broker}: reachable")
+    for queue, depth in depths.items():  # one line a queue, as without routes
+        print(f"{broker}: reachable, queue {queue} holds {depth} messages")
     for topic, route in config.routes.items():
         print(f"  route {topic} -> task {route.task} on queue {route.queue}")
-    for queue, depth in depths.items():
-        print(f"  queue {queue} holds {depth} messages")
     return []
