@@ -122,11 +122,17 @@ def produce(topic: str, records: Iterable[bytes | None], partition: int | None =
     n = 0
     key_iter = iter(keys) if keys is not None else itertools.repeat(None)
     header_iter = iter(headers) if headers is not None else itertools.repeat(None)
+    # Keyless records go round the partitions: the sticky partitioner could put a small
+    # set all in one, and an empty partition has no committed offset for a test to see.
+    spread = 0 if partition is not None or keys is not None else len(
+        producer.list_topics(topic, timeout=10).topics[topic].partitions)
     for value in records:
         kwargs: dict[str, Any] = {"value": value, "key": next(key_iter),
                                   "headers": next(header_iter), "on_delivery": reporter(n)}
         if partition is not None:
             kwargs["partition"] = partition
+        elif spread:
+            kwargs["partition"] = n % spread
         while True:
             try:
                 producer.produce(topic, **kwargs)
