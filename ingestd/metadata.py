@@ -9,6 +9,7 @@ records that carry headers at all.
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
@@ -16,7 +17,13 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 # W3C Trace Context, as OpenTelemetry's propagators write it into Kafka headers, and as
 # opentelemetry-instrumentation-celery reads it from a task message's headers.
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
-MAX_TRACE_HEADER = 512  # W3C: tracestate holds at most 512 characters; traceparent 55
+MAX_TRACESTATE = 512  # W3C: tracestate holds at most 512 characters
+# version-trace id-parent id-flags, as OpenTelemetry's TraceContextTextMapPropagator reads
+# it (blanks around it allowed): version ff, an all-zero id, and version 00 with more
+# fields are invalid.
+_TRACEPARENT = re.compile(
+    r"[ \t]*(?!ff)([0-9a-f]{2})-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+    r"(-.*)?[ \t]*")
 
 
 def kafka_metadata(msg: Message) -> dict[str, Any]:
@@ -52,17 +59,25 @@ def kafka_metadata(msg: Message) -> dict[str, Any]:
 def trace_context(headers: list[tuple[str, bytes | str | None]]) -> dict[str, str] | None:
     """The record's ``traceparent`` and ``tracestate`` headers, as Celery message headers;
     None without a ``traceparent`` (a tracestate alone continues nothing). Names match
-    in any case, as HTTP's do; the first of a name wins; values that are not printable
-    ASCII or longer than W3C allows are left out."""
-    found: dict[str, str] = {}
+    in any case, as HTTP's do; the first of a name wins. A ``traceparent`` not in W3C's
+    form, and a ``tracestate`` that is not printable ASCII or is longer than W3C allows,
+    are left out."""
+    found: dict[str, str | None] = {}
     for name, value in headers:
         low = name.lower()
-        if low not in (TRACEPARENT, TRACESTATE) or low in found or value is None:
+        if low not in (TRACEPARENT, TRACESTATE) or low in found:
             continue
-        if len(value) <= MAX_TRACE_HEADER and value.isascii():
-            text = value if isinstance(value, str) else value.decode()
-            if text.isprintable():
+        found[low] = None  # the first of a name wins, valid or not
+        if value is None or len(value) > MAX_TRACESTATE or not value.isascii():
+            continue
+        text = value if isinstance(value, str) else value.decode()
+        if low == TRACEPARENT:
+            match = _TRACEPARENT.fullmatch(text)
+            if match is not None and not (match[1] == "00" and match[2]):
                 found[low] = text
-    if TRACEPARENT not in found:
+        elif text.isprintable():
+            found[low] = text
+    if found.get(TRACEPARENT) is None:
         return None
-    return {name: found[name] for name in (TRACEPARENT, TRACESTATE) if name in found}
+    return {name: text for name in (TRACEPARENT, TRACESTATE)
+            if (text := found.get(name)) is not None}

@@ -109,6 +109,23 @@ def test_trace_context_from_record_headers(headers: list[tuple[str, bytes | None
     assert trace_context(headers) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [
+    TP, "", "00-second", TP.upper(), "ff" + TP[2:], TP[:3] + "0" * 32 + TP[35:],
+    TP[:36] + "0" * 16 + TP[52:], TP + "-more", "01" + TP[2:] + "-more", "01" + TP[2:],
+    TP[:-1], TP + "0", " " + TP, TP + "\t", "\t01" + TP[2:] + "-x ",
+])
+def test_a_traceparent_is_passed_on_where_opentelemetry_reads_it(value: str) -> None:
+    """The W3C check is OpenTelemetry's own: what its propagator (the instrumented
+    worker's) reads as a valid span context is passed on, and nothing else."""
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    context = TraceContextTextMapPropagator().extract({"traceparent": value})
+    valid = trace.get_current_span(context).get_span_context().is_valid
+    got = trace_context([("traceparent", value.encode())])
+    assert got == ({"traceparent": value} if valid else None)
+
+
 def test_a_traced_celery_worker_continues_the_records_trace(topic_factory: Callable[..., str],
                                                             broker_url: str) -> None:
     """A real ``celery worker`` with opentelemetry-instrumentation-celery and an in-memory
