@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -42,11 +43,11 @@ class Spec:
 
 
 def _positive(v: Any) -> str | None:
-    return None if v >= 1 else "a whole number >= 1"
+    return None if 1 <= v < math.inf else "a whole number >= 1"
 
 
 def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "a number >= 0"
+    return None if 0 <= v < math.inf else "a number >= 0"
 
 
 def _broker_url(v: str) -> str | None:

@@ -5,7 +5,9 @@ they were last refilled, the rate, the capacity) in an unlinked temp file that
 every worker maps shared, replacements included. Each take is a
 read-modify-write under a POSIX record lock (``lockf``) on that file; the
 kernel releases such a lock when its process dies, so a worker killed inside
-one cannot stall the others. ``time.monotonic`` is the system-wide
+one cannot stall the others. Such a lock is the process's, not a thread's: in
+the supervisor, whose HTTP thread reads the bucket while its main thread sets a
+new rate on HUP, a thread lock comes first. ``time.monotonic`` is the system-wide
 ``CLOCK_MONOTONIC``: the same clock in every process.
 
 A worker takes one token per signal once it has built a batch, and may take
@@ -27,10 +29,12 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 _STATE = struct.Struct("=dddd")  # tokens, last refill (monotonic), rate, capacity
+_LEVEL = struct.Struct("=dd")  # tokens, last refill: all a take writes
 CAPACITY = 1.0  # seconds of the rate the bucket holds
 BATCH = 0.1  # seconds of the rate: a worker's largest batch
 
@@ -50,7 +54,13 @@ class RateLimit:
         self.fd = fd
         self.map = mmap.mmap(fd, _STATE.size, mmap.MAP_SHARED)
         self.clock = clock
+        self._thread_lock = threading.Lock()
+        # A fork while another thread holds it would leave it held in the child for good.
+        os.register_at_fork(after_in_child=self._new_thread_lock)
         self.configure(rate)
+
+    def _new_thread_lock(self) -> None:
+        self._thread_lock = threading.Lock()
 
     def configure(self, rate: float) -> None:
         """Set the rate (signals per second; 0: no limit), with a full bucket."""
@@ -60,17 +70,18 @@ class RateLimit:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        with self._thread_lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
-    def _now(self) -> tuple[float, float, float, float]:
-        """Tokens after the refill up to now, now, the rate and the capacity."""
+    def _now(self) -> tuple[float, float, float]:
+        """Tokens after the refill up to now, now, and the rate."""
         tokens, last, rate, capacity = _STATE.unpack_from(self.map)
         now = self.clock()
-        return min(capacity, tokens + max(0.0, now - last) * rate), now, rate, capacity
+        return min(capacity, tokens + max(0.0, now - last) * rate), now, rate
 
     @property
     def rate(self) -> float:
@@ -81,17 +92,17 @@ class RateLimit:
         """Take ``n`` signals' worth: the seconds until the bucket is out of debt (0 while
         it is not in debt, and without a limit)."""
         with self._locked():
-            tokens, now, rate, capacity = self._now()
+            tokens, now, rate = self._now()
             if rate <= 0:
                 return 0.0
             tokens -= n
-            _STATE.pack_into(self.map, 0, tokens, now, rate, capacity)
+            _LEVEL.pack_into(self.map, 0, tokens, now)
         return 0.0 if tokens >= 0 else -tokens / rate
 
     def debt(self) -> float:
         """The seconds until the bucket is out of debt; 0 when it is not in debt."""
         with self._locked():
-            tokens, _, rate, _ = self._now()
+            tokens, _, rate = self._now()
         return 0.0 if tokens >= 0 or rate <= 0 else -tokens / rate
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -85,8 +86,36 @@ def test_a_worker_killed_inside_a_take_does_not_stall_the_others() -> None:
         signal.alarm(0)
 
 
-def test_a_negative_rate_exits_2_with_one_line() -> None:
-    result = run_cli("--max-rate", "-1", "--check")
+def test_the_supervisors_threads_take_turns_and_a_fork_meanwhile_is_not_stalled() -> None:
+    """A record lock is the process's: a second thread would get in while one holds it.
+    The thread lock that keeps it out must not stay held in a child forked meanwhile."""
+    bucket = RateLimit(100)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with bucket._locked():
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        assert not bucket._thread_lock.acquire(timeout=0.1)  # the other thread waits
+        pid = os.fork()
+        if pid == 0:  # forked while the thread holds both locks
+            signal.alarm(5)  # a stalled take ends the child instead of hanging it
+            os._exit(0 if bucket.take(1) == 0 else 1)
+        release.set()  # the child's take gets the record lock once the thread lets go
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("rate", ["-1", "inf", "nan"])
+def test_a_negative_or_infinite_rate_exits_2_with_one_line(rate: str) -> None:
+    result = run_cli(f"--max-rate={rate}", "--check")
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert "max-rate" in result.stderr and "expected a number >= 0" in result.stderr
 
