@@ -4,10 +4,14 @@ Each topic's tasks go by its route (``--route``, else ``--task`` on ``--queue``)
 a :class:`Target` per route holds the message template Celery built for it.
 
 Redis: one multi-value LPUSH of kombu's JSON envelopes per queue, several in one
-MULTI/EXEC transaction (atomic: all or none). AMQP: every message published
-``mandatory`` on a confirm-mode channel, then one wait for the broker's acks
-covering the whole batch; a message the broker returns as unroutable (its queue
-deleted or expired) refuses the batch.
+MULTI/EXEC transaction (each LPUSH all or nothing; Redis rolls none back). AMQP:
+every message published ``mandatory`` on a confirm-mode channel, then one wait
+for the broker's acks covering the whole batch; a message the broker returns as
+unroutable (its queue deleted or expired) or nacks refuses the batch.
+
+A refused batch is retried by the worker with what ``send`` was given: ``send``
+narrows it to what the broker did not accept, so the retry repeats nothing the
+broker already holds.
 
 Every broker call has a bounded time (:data:`BROKER_TIMEOUT`): a broker that
 stops answering refuses the batch, which the worker retries.
@@ -68,13 +72,16 @@ def task_kwargs(task: Task, batch: bool) -> dict[str, Any] | None:
 
 
 class Dispatcher(Protocol):
-    """Not thread-safe: one thread at a time (the worker keeps a second one for probes)."""
+    """``prepare`` (the worker's thread) may run while ``send`` (the in-flight thread)
+    does; ``send``, the queue depths and ``close`` use the connection, one thread at a
+    time (the worker probes queue depths with a dispatcher of its own)."""
 
     def prepare(self, tasks: Sequence[Task]) -> Any:
         """Build the messages: CPU work only, no network."""
 
     def send(self, prepared: Any) -> None:
-        """Return once the broker accepted every message; raise DispatchError otherwise."""
+        """Return once the broker accepted every message; raise DispatchError otherwise,
+        with ``prepared`` narrowed to the messages it did not accept."""
 
     def publish(self, tasks: Sequence[Task]) -> None: ...
 
@@ -174,8 +181,9 @@ class _Base:
         return self.targets[self.config.topic[0]].captured
 
     def by_queue(self) -> list[Any]:
-        """A target of each queue."""
-        return list({t.queue: t for t in self._by_route.values()}.values())
+        """A target of each queue (a copy first: prepare() may add a target meanwhile)."""
+        targets = list(self._by_route.values())
+        return list({t.queue: t for t in targets}.values())
 
     def _connection(self) -> Connection:
         if self.conn is None:
@@ -231,15 +239,24 @@ def pack_lpush(key: bytes, values: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-# A batch for several queues goes in one transaction: all of its LPUSHes or none.
+# A batch for several queues goes in one transaction: nothing of it is applied unless
+# all of it arrived, and then each LPUSH is applied or refused on its own.
 MULTI, EXEC = b"*1\r\n$5\r\nMULTI\r\n", b"*1\r\n$4\r\nEXEC\r\n"
 
 
-class Packed(NamedTuple):
-    """A batch's Redis commands, and how many replies they get."""
+class Packed:
+    """A batch's LPUSH commands (one per queue), packed to be written at once, and how
+    many replies they get."""
 
-    data: bytes
-    replies: int
+    def __init__(self, commands: list[bytes]) -> None:
+        self.keep(commands)
+
+    def keep(self, commands: list[bytes]) -> None:
+        self.commands = commands
+        if len(commands) > 1:
+            self.data, self.replies = b"".join((MULTI, *commands, EXEC)), len(commands) + 2
+        else:
+            self.data, self.replies = b"".join(commands), len(commands)
 
 
 class RedisTarget(Target):
@@ -299,12 +316,9 @@ class RedisDispatcher(_Base):
         several), packed here: the in-flight thread then only writes it and reads the
         replies, and barely needs the GIL."""
         if not tasks:
-            return Packed(b"", 0)
-        commands = [self._lpush(target, group)  # type: ignore[arg-type]
-                    for target, group in self.split(tasks)]
-        if len(commands) == 1:
-            return Packed(commands[0], 1)
-        return Packed(b"".join((MULTI, *commands, EXEC)), len(commands) + 2)
+            return Packed([])
+        return Packed([self._lpush(target, group)  # type: ignore[arg-type]
+                       for target, group in self.split(tasks)])
 
     def _lpush(self, target: RedisTarget, tasks: list[Task]) -> bytes:
         """In C where built, unless a task has kwargs or trace context (C looks for those
@@ -322,13 +336,17 @@ class RedisDispatcher(_Base):
             conn = self._lpush_conn()
             conn.send_packed_command([packed.data], check_health=False)
             replies = [conn.read_response() for _ in range(packed.replies)]
-        except Exception as exc:
+        except Exception as exc:  # a refusal of a lone LPUSH too: it is read as raised
             self._reset()
             raise _error("redis LPUSH failed", exc) from exc
         last = replies[-1]
-        for reply in (last if isinstance(last, list) else [last]):
-            if isinstance(reply, Exception):
-                raise _error("redis refused LPUSH", reply)
+        if isinstance(last, list):  # the transaction's: an error for each refused LPUSH
+            refused = [c for c, r in zip(packed.commands, last, strict=True)
+                       if isinstance(r, Exception)]
+            if refused:
+                error = next(r for r in last if isinstance(r, Exception))
+                packed.keep(refused)
+                raise _error(f"redis refused {len(refused)} of {len(last)} LPUSHes", error)
 
     def _lpush_conn(self) -> Any:
         """A connection of the dispatcher's own, taken once from kombu's client pool."""
@@ -361,10 +379,10 @@ Prepared = list[tuple[codec.Captured, bytes, dict[str, Any], dict[str, Any]]]
 class AmqpDispatcher(_Base):
     def __init__(self, app: Celery, config: Config) -> None:
         super().__init__(app, config)
-        self._acked = 0
-        self._nacked = 0
-        self._returned: list[str] = []  # routing keys
-        self._published = 0
+        self._published = 0  # the channel's last delivery tag
+        self._unconfirmed: set[int] = set()  # delivery tags of the batch being sent
+        self._nacked: set[int] = set()
+        self._returned: list[tuple[str, str]] = []  # (routing key, task id)
         self._confirming: Any = None  # the channel in confirm mode
 
     def _channel(self) -> Any:
@@ -375,20 +393,25 @@ class AmqpDispatcher(_Base):
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
             self._confirming = channel
-            self._acked = self._nacked = self._published = 0
-            self._returned = []
+            self._published = 0
         return channel
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
-        self._acked = tag if multiple else max(self._acked, tag)
+        self._confirm(tag, multiple)
 
     def _on_nack(self, tag: int, multiple: bool) -> None:
-        self._nacked += 1
-        self._acked = max(self._acked, tag)
+        self._nacked.update(self._confirm(tag, multiple))
+
+    def _confirm(self, tag: int, multiple: bool) -> set[int]:
+        """The tags a confirmation covers (``multiple``: every one up to ``tag``)."""
+        done = ({t for t in self._unconfirmed if t <= tag} if multiple
+                else {tag} & self._unconfirmed)
+        self._unconfirmed -= done
+        return done
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         """An unroutable message: the broker confirms it all the same, after this."""
-        self._returned.append(routing_key)
+        self._returned.append((routing_key, message.properties.get("correlation_id")))
 
     def prepare(self, tasks: Sequence[Task]) -> Prepared:
         """Template, body, headers and properties of each message; the channel wraps them
@@ -407,9 +430,11 @@ class AmqpDispatcher(_Base):
     def send(self, prepared: Prepared) -> None:
         if not prepared:
             return
+        self._nacked, self._returned = set(), []
         try:
             channel = self._channel()
-            nacked_before, returned_before = self._nacked, len(self._returned)
+            first = self._published + 1
+            self._unconfirmed = set(range(first, first + len(prepared)))
             for c, body, headers, properties in prepared:
                 message = channel.prepare_message(body, 0, c.content_type, c.content_encoding,
                                                   headers, properties)
@@ -417,19 +442,24 @@ class AmqpDispatcher(_Base):
                                       mandatory=True)
             self._published += len(prepared)
             conn = self._connection()
-            while self._acked < self._published:
+            while self._unconfirmed:
                 conn.drain_events(timeout=self.app.conf.broker_transport_options["read_timeout"])
         except Exception as exc:
             self._reset()
             raise _error("amqp publish failed", exc) from exc
-        if self._nacked != nacked_before:
-            raise DispatchError("amqp broker refused (nack) part of the batch")
-        returned = self._returned[returned_before:]
-        if returned:
+        returned = {task_id for _, task_id in self._returned}
+        if not (self._nacked or returned):
+            return
+        # The retry sends only these: what the broker confirmed it holds.
+        prepared[:] = [p for tag, p in enumerate(prepared, first)
+                       if tag in self._nacked or p[3]["correlation_id"] in returned]
+        if self._returned:
             self._reset()  # the retry declares the queues again, as send_task would
-            keys = ", ".join(repr(k) for k in dict.fromkeys(returned))
-            raise DispatchError(f"amqp broker returned {len(returned)} unroutable messages "
-                                f"(no queue bound to {keys})")
+            keys = ", ".join(repr(k) for k in dict.fromkeys(k for k, _ in self._returned))
+            raise DispatchError(f"amqp broker returned {len(self._returned)} unroutable "
+                                f"messages (no queue bound to {keys})")
+        raise DispatchError(f"amqp broker refused (nack) {len(self._nacked)} messages of "
+                            "the batch")
 
     def queue_depths(self) -> dict[str, int]:
         try:

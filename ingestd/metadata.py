@@ -79,5 +79,5 @@ def trace_context(headers: list[tuple[str, bytes | str | None]]) -> dict[str, st
             found[low] = text
     if found.get(TRACEPARENT) is None:
         return None
-    return {name: text for name in (TRACEPARENT, TRACESTATE)
-            if (text := found.get(name)) is not None}
+    return {name: kept for name in (TRACEPARENT, TRACESTATE)
+            if (kept := found.get(name)) is not None}

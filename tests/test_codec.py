@@ -268,6 +268,30 @@ def _routed(mode: str, queues: tuple[str, str]) -> tuple[dict[str, Any], list[di
     return {"routes": routes, "config": config}, tasks
 
 
+@pytest.mark.stack
+def test_redis_a_retry_after_a_partial_refusal_repeats_nothing_accepted(
+        dispatchers: Factory, redis_client: redis.Redis) -> None:
+    """Redis applies each LPUSH of a transaction on its own and rolls none back: with one
+    queue's key not a list, the other queue takes its tasks. The refused batch is
+    narrowed to the refused LPUSH, so the retry repeats nothing the other queue holds."""
+    queues = ("ingestd-scores", "ingestd-archive")
+    routed, tasks = _routed("each", queues)
+    d = dispatchers(**routed["config"])
+    d.publish(tasks[:2])  # connected, both queues declared
+    for queue in queues:
+        _drain(redis_client, queue)
+    redis_client.set(queues[1], b"not a list")
+    packed = d.prepare(tasks)
+    with pytest.raises(DispatchError, match="refused 1 of 2"):
+        d.send(packed)
+    assert packed.replies == 1 and not packed.data.startswith(dispatch.MULTI)
+    redis_client.delete(queues[1])
+    d.send(packed)
+    for queue, topic in zip(queues, routed["routes"], strict=True):
+        assert [json.loads(m)["headers"]["id"] for m in _drain(redis_client, queue)] == \
+            [t.task_id for t in tasks if t.topic == topic]
+
+
 def _send_task_as_routed(d: dispatch.Dispatcher, routes: dict[str, Any],
                          tasks: list[dispatch.Task]) -> None:
     app = d.app  # type: ignore[attr-defined]
@@ -688,6 +712,36 @@ def test_amqp_routed_batch_matches_send_task_on_each_queue(amqp_queue: str, mode
                 assert mine.headers["task"] == task
                 assert mine.delivery_info["routing_key"] == queue
         assert d.queue_depths() == dict.fromkeys(queues, 0)
+    finally:
+        d.close()
+        with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+            conn.default_channel.queue_delete(queues[1])
+            conn.default_channel.exchange_delete(queues[1])
+
+
+@pytest.mark.amqp
+def test_amqp_a_retry_after_a_partial_refusal_repeats_nothing_accepted(amqp_queue: str) -> None:
+    """One of two routes' queues deleted: RabbitMQ returns its messages and holds the
+    other's. The refused batch is narrowed to what was returned, so the retry (which
+    declares the queue again) sends those only: each queue then holds its tasks once."""
+    queues = (amqp_queue, f"{amqp_queue}-archive")
+    routed, tasks = _routed("each", queues)
+    d = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, **routed["config"]))
+    try:
+        d.publish(tasks[:2])  # connected, both queues declared
+        for q in queues:
+            _amqp_fetch(q, 1)
+        with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+            conn.default_channel.queue_delete(queues[1])
+        prepared = d.prepare(tasks)
+        with pytest.raises(DispatchError, match="unroutable"):
+            d.send(prepared)
+        assert [p[3]["correlation_id"] for p in prepared] == \
+            [t.task_id for t in tasks if t.topic == "pulse_events"]
+        d.send(prepared)
+        for queue, topic in zip(queues, routed["routes"], strict=True):
+            assert [m.headers["id"] for m in _amqp_fetch(queue, len(tasks) // 2)] == \
+                [t.task_id for t in tasks if t.topic == topic]
     finally:
         d.close()
         with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
