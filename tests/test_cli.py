@@ -213,6 +213,8 @@ BAD_TOML = [
     ("topic = 5\n", ["topic", "expected a list of strings"]),
     ('topic = ["a"]\n[route]\nb = "archive_signal"\n', ["route", "'b' is not a source topic"]),
     ('topic = ["a"]\n[route]\na = 1\n', ["route", "a list (or a table) of strings"]),
+    ('topic = ["a.b"]\n[route]\na.b = "x"\n', ["route", "quote a key with dots",
+                                                '"a.b" = ...']),
 ]
 
 
