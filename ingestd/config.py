@@ -472,10 +472,10 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str, *,
         if isinstance(raw, str) and text:
             raw = _split_list(f.name, raw)
         if spec.table and isinstance(raw, dict) and from_file:
-            for key, value in raw.items():
-                if isinstance(value, dict):  # TOML reads a bare a.b = "x" as a.{b = "x"}
+            for key, inner in raw.items():
+                if isinstance(inner, dict):  # TOML reads a bare a.b = "x" as a.{b = "x"}
                     raise ConfigError(f"{where}: {key!r} holds a table; quote a key with "
-                                      f'dots, as in "{key}.{next(iter(value), "")}" = ...')
+                                      f'dots, as in "{key}.{next(iter(inner), "")}" = ...')
             raw = [f"{key}={value}" if isinstance(value, str) else value
                    for key, value in raw.items()]
         kind = "a list (or a table) of strings" if spec.table else "a list of strings"

@@ -217,8 +217,9 @@ class Worker:
 
     def consume(self) -> list[Message]:
         """The next batch: what was carried over, then what Kafka has, up to the batch size
-        (:meth:`decode` cuts it at ``--max-batch-bytes``). While the partitions are paused
-        (backpressure) nothing is handed on: what was carried waits with them."""
+        (:meth:`decode` cuts it at ``--max-batch-bytes``; ``--max-rate`` caps the size).
+        While the partitions are paused (backpressure, the rate limit, ...) nothing is
+        handed on: what was carried waits with them."""
         n, carry = self.batch_size, self.carry
         if self.paused_by:
             self.carry += self.consumer.consume(n, self.config.batch_timeout_ms / 1000)
@@ -433,6 +434,7 @@ class Worker:
         batches (a commit slower than a second, say while the group coordinator moves)
         the partitions are paused."""
         pending = self.offsets.unconfirmed
+        # --batch-size, not the --max-rate cap: the bound on what a crash repeats.
         n, max_size = self.config.batch_size, self.config.max_batch_bytes
         if pending and records is not None and self.offsets.at_risk + records <= n:
             return
@@ -521,7 +523,7 @@ class Worker:
 
     def _pause(self, why: str, on: bool) -> None:
         """Pause the assigned partitions while any reason (broker, backpressure, a slow
-        publish or commit) holds."""
+        publish or commit, the rate limit) holds."""
         before = bool(self.paused_by)
         if on:
             self.paused_by.add(why)
@@ -542,19 +544,17 @@ class Worker:
         out of it (:meth:`_check_rate`)."""
         if self.rate_limit is None:
             return
-        wait = self.rate_limit.take(sum(len(t.raws) for t in batch.tasks))
-        if wait > 0:
-            self.rate_paused_until = time.monotonic() + wait
-            if "rate" not in self.paused_by:
-                self._pause("rate", True)
-                self.metrics.rate_limited.set(1)
+        self._rate_pause(self.rate_limit.take(sum(len(t.raws) for t in batch.tasks)))
 
     def _check_rate(self) -> None:
         """Once per loop: pause while the host is over --max-rate (other workers may have
         taken the bucket into debt), resume once it is not."""
         if self.rate_limit is None or time.monotonic() < self.rate_paused_until:
             return
-        wait = self.rate_limit.debt()
+        self._rate_pause(self.rate_limit.debt())
+
+    def _rate_pause(self, wait: float) -> None:
+        """Paused for ``wait`` seconds (the bucket's debt) when it is > 0, else resumed."""
         paused = "rate" in self.paused_by
         if wait > 0:
             self.rate_paused_until = time.monotonic() + wait
