@@ -622,6 +622,16 @@ def amqp_each(amqp_dispatchers: Callable[..., dispatch.AmqpDispatcher],
     return amqp_dispatchers(amqp_queue)
 
 
+@pytest.fixture
+def amqp_queues(amqp_queue: str) -> Iterator[tuple[str, str]]:
+    """Two routes' queues: ``amqp_queue`` and a second one, deleted afterwards too."""
+    second = f"{amqp_queue}-archive"
+    yield amqp_queue, second
+    with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
+        conn.default_channel.queue_delete(second)
+        conn.default_channel.exchange_delete(second)
+
+
 def _amqp_fetch(queue: str, n: int) -> list[Any]:
     out = []
     with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
@@ -695,10 +705,11 @@ def test_amqp_each_matches_send_task_fuzzed(amqp_each: dispatch.AmqpDispatcher,
 
 @pytest.mark.amqp
 @pytest.mark.parametrize("mode", ["each", "batch"])
-def test_amqp_routed_batch_matches_send_task_on_each_queue(amqp_queue: str, mode: str) -> None:
+def test_amqp_routed_batch_matches_send_task_on_each_queue(amqp_queues: tuple[str, str],
+                                                           mode: str) -> None:
     """One batch for two routes, published on one confirm-mode channel: each queue holds
     what send_task writes for its task and queue, in order."""
-    queues = (amqp_queue, f"{amqp_queue}-archive")
+    queues = amqp_queues
     routed, tasks = _routed(mode, queues)
     d = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, dispatch=mode, **routed["config"]))
     try:
@@ -714,17 +725,15 @@ def test_amqp_routed_batch_matches_send_task_on_each_queue(amqp_queue: str, mode
         assert d.queue_depths() == dict.fromkeys(queues, 0)
     finally:
         d.close()
-        with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
-            conn.default_channel.queue_delete(queues[1])
-            conn.default_channel.exchange_delete(queues[1])
 
 
 @pytest.mark.amqp
-def test_amqp_a_retry_after_a_partial_refusal_repeats_nothing_accepted(amqp_queue: str) -> None:
+def test_amqp_a_retry_after_a_partial_refusal_repeats_nothing_accepted(
+        amqp_queues: tuple[str, str]) -> None:
     """One of two routes' queues deleted: RabbitMQ returns its messages and holds the
     other's. The refused batch is narrowed to what was returned, so the retry (which
     declares the queue again) sends those only: each queue then holds its tasks once."""
-    queues = (amqp_queue, f"{amqp_queue}-archive")
+    queues = amqp_queues
     routed, tasks = _routed("each", queues)
     d = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, **routed["config"]))
     try:
@@ -744,9 +753,6 @@ def test_amqp_a_retry_after_a_partial_refusal_repeats_nothing_accepted(amqp_queu
                 [t.task_id for t in tasks if t.topic == topic]
     finally:
         d.close()
-        with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
-            conn.default_channel.queue_delete(queues[1])
-            conn.default_channel.exchange_delete(queues[1])
 
 
 @pytest.mark.amqp
