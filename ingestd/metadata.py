@@ -17,7 +17,9 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 # W3C Trace Context, as OpenTelemetry's propagators write it into Kafka headers, and as
 # opentelemetry-instrumentation-celery reads it from a task message's headers.
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
-MAX_TRACESTATE = 512  # W3C: tracestate holds at most 512 characters
+# W3C: a tracestate holds at most 512 characters. A traceparent is 55 in version 00; a
+# later version may add fields, and one longer than this is left out too.
+MAX_TRACE_HEADER = 512
 # version-trace id-parent id-flags, as OpenTelemetry's TraceContextTextMapPropagator reads
 # it (blanks around it allowed): version ff, an all-zero id, and version 00 with more
 # fields are invalid.
@@ -60,15 +62,15 @@ def trace_context(headers: list[tuple[str, bytes | str | None]]) -> dict[str, st
     """The record's ``traceparent`` and ``tracestate`` headers, as Celery message headers;
     None without a ``traceparent`` (a tracestate alone continues nothing). Names match
     in any case, as HTTP's do; the first of a name wins. A ``traceparent`` not in W3C's
-    form, and a ``tracestate`` that is not printable ASCII or is longer than W3C allows,
-    are left out."""
+    form, a ``tracestate`` that is not printable ASCII, and either one longer than
+    :data:`MAX_TRACE_HEADER`, are left out."""
     found: dict[str, str | None] = {}
     for name, value in headers:
         low = name.lower()
         if low not in (TRACEPARENT, TRACESTATE) or low in found:
             continue
         found[low] = None  # the first of a name wins, valid or not
-        if value is None or len(value) > MAX_TRACESTATE or not value.isascii():
+        if value is None or len(value) > MAX_TRACE_HEADER or not value.isascii():
             continue
         text = value if isinstance(value, str) else value.decode()
         if low == TRACEPARENT:
