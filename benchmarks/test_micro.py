@@ -13,6 +13,9 @@ Groups:
 - ``decode+build: record headers``: a worker's decode and build of 1000 consumed records
   without headers (the hot path), with headers but no trace context, each with a
   ``traceparent``, and with ``--with-metadata``: what a record's headers cost.
+- ``hostile shapes``: one record of about 1 MB, shaped to be costly (commas, escaped
+  quotes, deep brackets, long strings, big numbers), through a worker's decode and build:
+  every per-record check is linear in the record's size.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import base64
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -37,8 +39,8 @@ from kombu.utils.json import dumps as kombu_dumps
 from benchmarks.conftest import N_RECORDS, TOPIC
 from ingestd import codec, dispatch, schema
 from ingestd.config import Config
-from ingestd.quarantine import Quarantine
 from ingestd.worker import Worker
+from tests import seams
 
 Benchmark = Any  # pytest_benchmark.fixture.BenchmarkFixture
 Signal = schema.Signal
@@ -396,18 +398,6 @@ HEADERS: dict[str, list[tuple[str, bytes]] | None] = {
 }
 
 
-def _decoder(config: Config) -> Worker:
-    """A worker's decode, without its consumer and brokers: what ``Worker.decode`` reads."""
-    w = Worker.__new__(Worker)
-    w.config = config
-    w.validator = schema.Validator(config.schema, config.max_record_bytes,
-                                   config.max_record_items, typed=codec.native is not None)
-    w.assignment = SimpleNamespace(revision=0, owned={(TOPIC, 0)})  # type: ignore[assignment]
-    w.quarantine = Quarantine(())
-    w.carry = []
-    return w
-
-
 @pytest.fixture(params=list(HEADERS))
 def headed(request: pytest.FixtureRequest, config: Config, corpus: list[bytes]) -> Iterator[
         tuple[str, Worker, dispatch.RedisDispatcher, list[Message]]]:
@@ -419,7 +409,7 @@ def headed(request: pytest.FixtureRequest, config: Config, corpus: list[bytes]) 
     messages = [Message(topic=TOPIC, partition=0, offset=i, value=raw, key=b"host-1",
                         headers=HEADERS[variant], timestamp=(1, 1732800000000 + i))
                 for i, raw in enumerate(corpus)]
-    yield variant, _decoder(cfg), d, messages
+    yield variant, seams.decoder(cfg, {(TOPIC, 0)}), d, messages
     d.close()
 
 
@@ -441,3 +431,53 @@ def test_decode_build_record_headers(
     _per_record(benchmark)
     assert out.data.count(b'"delivery_tag"') == N_RECORDS
     assert (b"traceparent" in out.data) is (variant == "traceparent")
+
+
+# --------------------------------------------------------------------- hostile shapes
+
+MB = 1_000_000
+
+
+def _signal(extra: bytes = b"", name: bytes = b'"n"') -> bytes:
+    return b'{"name":' + name + b',"value":1,"source":"s","timestamp":1' + extra + b"}"
+
+
+# One record each, about 1 MB. Those over --max-record-items are refused as too_large
+# by the item counter, on their bytes; the others are decoded and built.
+HOSTILE: dict[str, bytes] = {
+    "commas": b"[" + b"0," * (MB // 2) + b"0]",
+    "escaped quotes, unterminated": b"[" + b"," * 10_001 + b'"' + b'\\"' * (MB // 2),
+    "deep brackets": b"[" * (MB // 2) + b"]" * (MB // 2),
+    "quotes": b'"' * MB,
+    "long string": _signal(name=b'"' + b"x" * MB + b'"'),
+    "escaped quotes in a string": _signal(name=b'"' + b'\\"' * (MB // 2) + b'"'),
+    "unicode escapes": _signal(name=b'"' + b"\\u00e9" * (MB // 6) + b'"'),
+    "9,000 strings": _signal(b',"l":[' + b",".join([b'"' + b"a" * 100 + b'"'] * 9000) + b"]"),
+    "4,000-digit integers": _signal(b',"n":[' + b",".join([b"7" * 4000] * 240) + b"]"),
+    "white space": _signal(b" " * MB),
+}
+
+
+@pytest.mark.benchmark(group="hostile shapes")
+@pytest.mark.parametrize("shape", list(HOSTILE))
+@pytest.mark.parametrize("mode", ["each", "batch"])
+def test_hostile_shapes(benchmark: Benchmark, config: Config, shape: str, mode: str) -> None:
+    """A worker's decode and build of one costly record of about 1 MB."""
+    benchmark.extra_info["bytes"] = len(HOSTILE[shape])
+    cfg = Config(broker_url=config.broker_url, queue=config.queue, dispatch=mode,
+                 max_record_bytes=2 * MB)
+    d = dispatch.create(cfg)
+    worker = seams.decoder(cfg, {(TOPIC, 0)}, d)
+    records = [Message(topic=TOPIC, partition=0, offset=0, value=HOSTILE[shape],
+                       timestamp=(1, 1732800000000))]
+
+    def run() -> Any:
+        batch = worker.decode(records)
+        worker.build(batch)
+        return batch
+
+    try:
+        batch = benchmark(run)
+    finally:
+        d.close()
+    assert len(batch.tasks) + len(batch.letters) == 1

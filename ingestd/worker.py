@@ -124,12 +124,7 @@ class Worker:
         self.fatal: KafkaError | None = None
         self.broker_error = ""
         self.status = ""
-        # In each mode a task's argsrepr comes from the record's bytes (codec.record_argsrepr):
-        # the validator keeps nothing, and builds only the struct it validates with.
-        self.validator = Validator(config.schema, config.max_record_bytes,
-                                   config.max_record_items,
-                                   typed=config.dispatch == "each" and codec.native
-                                   is not None)
+        self.validator = validator(config)
         self.dispatcher = dispatch.create(config)
         dlq_topic = config.dead_letter_topic
         self.dlq = (DeadLetterProducer(dlq_topic, {**kafka.producer_config(config),
@@ -700,11 +695,19 @@ class Worker:
         self.dispatcher.close()
 
 
+def validator(config: Config) -> Validator:
+    """The worker's validator. In each mode a task's argsrepr comes from the record's bytes
+    (codec.record_argsrepr): the validator keeps nothing, and builds only the struct it
+    validates with."""
+    return Validator(config.schema, config.max_record_bytes, config.max_record_items,
+                     typed=config.dispatch == "each" and codec.native is not None)
+
+
 def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatch.Task],
               records: list[Message]) -> tuple[list[dispatch.Task], list[DeadLetter]]:
     """``tasks`` less the records whose message fails to build, and their dead letters
-    (``internal``). A batch task that fails is built again from the records that do
-    build."""
+    (``internal``, or the reason a :class:`RecordError` names). A batch task that fails
+    is built again from the records that do build."""
     by_offset = {(m.topic(), m.partition(), m.offset()): m for m in records}
     kept, letters = [], []
     for task in tasks:
@@ -722,8 +725,9 @@ def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatc
                 good.append(one)
                 continue
             partition, offset = map(int, rid[len(task.topic) + 1:].split("-"))
-            letters.append(_letter(by_offset[(task.topic, partition, offset)], INTERNAL,
-                                   _describe(exc)))
+            reason, detail = (exc.reason, exc.detail) if isinstance(exc, RecordError) \
+                else (INTERNAL, _describe(exc))
+            letters.append(_letter(by_offset[(task.topic, partition, offset)], reason, detail))
         if task.ids is None:
             kept += good
         elif good:
