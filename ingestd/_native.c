@@ -502,7 +502,74 @@ fail:
     return result;
 }
 
+/* A consumed record's headers, read from the list librdkafka made, which a
+ * confluent_kafka.Message keeps until its first headers() call: that call decodes every
+ * name as UTF-8 and, on one that is not, leaves a damaged list that crashes the next
+ * call. A name is a str where it is UTF-8, else bytes. ingestd/rdkafka.py checks where
+ * the Message struct keeps the two lists and passes rd_kafka_header_get_all from the
+ * librdkafka confluent-kafka loaded (configure_headers). */
+typedef int (*header_get_all_t)(const void *hdrs, size_t idx, const char **name,
+                                const void **value, size_t *size);
+static PyObject *message_type;
+static Py_ssize_t headers_at, c_headers_at;
+static header_get_all_t header_get_all;
+
+static PyObject *configure_headers(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "configure_headers(type, headers_at, c_headers_at, "
+                        "get_all)");
+        return NULL;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(args[1]), c_at = PyLong_AsSsize_t(args[2]);
+    void *fn = PyLong_AsVoidPtr(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    Py_XSETREF(message_type, Py_NewRef(args[0]));
+    headers_at = at;
+    c_headers_at = c_at;
+    header_get_all = (header_get_all_t)fn;
+    Py_RETURN_NONE;
+}
+
+static PyObject *record_headers(PyObject *self, PyObject *msg) {
+    if (header_get_all == NULL || (PyObject *)Py_TYPE(msg) != message_type) {
+        PyErr_SetString(PyExc_TypeError, "record_headers: not a configured Message");
+        return NULL;
+    }
+    const void *c_headers = *(const void **)((const char *)msg + c_headers_at);
+    if (c_headers == NULL) { /* none, or a list made in Python */
+        PyObject *made = *(PyObject **)((char *)msg + headers_at);
+        return Py_NewRef(made != NULL ? made : Py_None);
+    }
+    PyObject *list = PyList_New(0);
+    const char *name;
+    const void *value;
+    size_t size;
+    for (size_t i = 0; list != NULL && header_get_all(c_headers, i, &name, &value, &size) == 0;
+         i++) {
+        Py_ssize_t len = (Py_ssize_t)strlen(name);
+        PyObject *key = PyUnicode_DecodeUTF8(name, len, NULL);
+        if (key == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            key = PyBytes_FromStringAndSize(name, len);
+        }
+        PyObject *val = value == NULL ? Py_NewRef(Py_None)
+                                      : PyBytes_FromStringAndSize(value, (Py_ssize_t)size);
+        PyObject *pair = key != NULL && val != NULL ? PyTuple_Pack(2, key, val) : NULL;
+        Py_XDECREF(key);
+        Py_XDECREF(val);
+        if (pair == NULL || PyList_Append(list, pair) < 0) Py_CLEAR(list);
+        Py_XDECREF(pair);
+    }
+    return list;
+}
+
 static PyMethodDef methods[] = {
+    {"configure_headers", (PyCFunction)(void (*)(void))configure_headers, METH_FASTCALL,
+     "configure_headers(Message, headers_at, c_headers_at, get_all): where a Message keeps\n"
+     "its converted headers and librdkafka's, and rd_kafka_header_get_all's address."},
+    {"record_headers", (PyCFunction)record_headers, METH_O,
+     "record_headers(msg): a consumed record's headers as [(name, value)], a name str where\n"
+     "it is UTF-8, else bytes; None without headers. Never calls msg.headers()."},
     {"argsrepr", (PyCFunction)(void (*)(void))argsrepr, METH_FASTCALL,
      "argsrepr(raw, maxsize): the JSON string of saferepr([json.loads(raw)], maxsize), "
      "or None where the Python path must answer."},

@@ -8,3 +8,6 @@ def encode_each(fragments: tuple[bytes, ...], slots: bytes, head: bytes, tail: b
                 maxsize: int, tasks: list[Any], tags: list[bytes],
                 fallback: Callable[[Any], bytes], key: bytes | None, /) -> Any:
     """A list of envelopes; given a key, the LPUSH command (bytes)."""
+def configure_headers(message_type: type, headers_at: int, c_headers_at: int,
+                      get_all: int, /) -> None: ...
+def record_headers(msg: Any, /) -> list[tuple[str | bytes, bytes | None]] | None: ...

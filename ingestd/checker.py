@@ -190,6 +190,7 @@ def read_dead_letters(bootstrap: str, topic: str, timeout: float = 60) -> list[R
     from confluent_kafka import Consumer, TopicPartition
 
     from ingestd.dlq import source
+    from ingestd.rdkafka import headers
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "ingestd-checker",
                          "enable.auto.commit": False})
@@ -207,7 +208,7 @@ def read_dead_letters(bootstrap: str, topic: str, timeout: float = 60) -> list[R
                 if msg.error() is None and \
                         cast(int, msg.offset()) < ends[cast(int, msg.partition())]:
                     read += 1
-                    record = source(msg.headers())  # type: ignore[arg-type]
+                    record = source(headers(msg))
                     if record is not None:
                         out.append(record)
         if read < sum(ends.values()):

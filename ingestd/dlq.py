@@ -7,6 +7,12 @@ large (the producer's ``message.max.bytes``, or the topic's
 without its key and the record's headers; ``ingestd.value.omitted`` and its
 siblings give the sizes left out. The original stays in the source topic, at
 the coordinates the headers name.
+
+Letters are produced through librdkafka's C API (:mod:`ingestd.rdkafka`): a record's
+header names may be any bytes, which confluent-kafka's producer cannot write, and a
+letter keeps them byte for byte. A topic that refuses letters (missing where the
+broker creates none, an ACL) raises :class:`DeadLetterError`, which the worker
+retries as it retries a Celery broker that is down.
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException
 
 from ingestd.errors import DispatchError
+from ingestd.rdkafka import Delivery, Header, Producer
 
+# A letter's fate is known once a flush returns: librdkafka gives up on it first, so a
+# retry never sends a letter that may still be delivered.
+DELIVERY_TIMEOUT = 25.0
 FLUSH_TIMEOUT = 30.0
 DETAIL_MAX = 1024
 ERROR, DETAIL = "ingestd.error", "ingestd.error.detail"
@@ -35,7 +45,7 @@ _OWN = frozenset(HEADERS)
 # replayed. A record's own header, kept when it is dead-lettered again.
 REPLAY_COUNT = "ingestd.replay.count"
 
-Headers = list[tuple[str, str | bytes | None]]
+Headers = list[Header]
 FULL, NO_VALUE, BARE = 0, 1, 2  # how much of the record a letter still carries
 
 
@@ -66,7 +76,7 @@ class DeadLetter:
             (TIMESTAMP, str(self.timestamp).encode()),
             (GROUP, group.encode()),
         ]
-        theirs = [(k, v) for k, v in self.headers or () if k not in _OWN]
+        theirs: Headers = [(k, v) for k, v in self.headers or () if k not in _OWN]
         key, value = self.key, self.value
         if trim >= NO_VALUE:
             own.append((VALUE_OMITTED, str(len(value or b"")).encode()))
@@ -85,8 +95,7 @@ def split(headers: Headers | None) -> tuple[dict[str, str], Headers]:
     theirs: Headers = []
     for key, value in headers or ():
         if key in _OWN:
-            own[key] = value.decode(errors="replace") if isinstance(value, bytes) else \
-                (value or "")
+            own[key] = (value or b"").decode(errors="replace")
         else:
             theirs.append((key, value))
     return own, theirs
@@ -102,41 +111,61 @@ def source(headers: Headers | None) -> tuple[str, int, int] | None:
         return None
 
 
+class DeadLetterError(DispatchError):
+    """The dead-letter topic refused letters; ``undelivered`` are those not acknowledged."""
+
+    def __init__(self, topic: str, why: str, undelivered: list[DeadLetter]) -> None:
+        super().__init__(f"dead-letter topic {topic!r} refused {len(undelivered)} letters: "
+                         f"{why}")
+        self.undelivered = undelivered
+
+
 class DeadLetterProducer:
     """Produces a batch of dead letters and waits for every delivery report."""
 
     def __init__(self, topic: str, props: dict[str, Any], group: str) -> None:
         self.topic = topic
         self.group = group
-        self.producer = Producer(props)
+        self.props = {**props, "message.timeout.ms": int(DELIVERY_TIMEOUT * 1000)}
+        self.producer = Producer(self.props)
 
     def send(self, letters: list[DeadLetter]) -> None:
         """Return once Kafka acknowledged every letter, trimmed where it was too large;
-        raise DispatchError otherwise."""
+        raise :class:`DeadLetterError`, naming the letters not acknowledged, otherwise."""
         pending = [(letter, FULL) for letter in letters]
         while pending:
-            refused: list[tuple[DeadLetter, int]] = []
+            delivered: list[DeadLetter] = []
+            smaller: list[tuple[DeadLetter, int]] = []  # too large: sent again with less
             errors: list[KafkaError] = []
             for letter, trim in pending:
-                self._produce(letter, trim, refused, errors)
-            remaining = self.producer.flush(FLUSH_TIMEOUT)
-            if remaining or errors:
-                first = errors[0].str() if errors else f"{remaining} not delivered in time"
-                raise DispatchError(f"dead-letter topic {self.topic!r}: {first}")
-            pending = refused
+                self._produce(letter, trim, delivered, smaller, errors)
+            self.producer.flush(FLUSH_TIMEOUT)
+            if len(delivered) + len(smaller) < len(pending):
+                done = {id(letter) for letter in delivered}
+                why = errors[0].str() if errors else "not acknowledged in time"
+                if errors:  # a fresh client: librdkafka keeps an unknown topic unknown
+                    self._renew()
+                raise DeadLetterError(self.topic, why, [x for x, _ in pending
+                                                        if id(x) not in done])
+            pending = smaller
 
-    def _produce(self, letter: DeadLetter, trim: int, refused: list[tuple[DeadLetter, int]],
-                 errors: list[KafkaError]) -> None:
-        """Queue one letter; one that is too large, or that librdkafka will not take as it
-        is, goes to ``refused`` to be sent again with less of the record."""
+    def _produce(self, letter: DeadLetter, trim: int, delivered: list[DeadLetter],
+                 smaller: list[tuple[DeadLetter, int]], errors: list[KafkaError]) -> None:
+        """Queue one letter. One that is too large for Kafka goes to ``smaller``, to be sent
+        again with less of the record; any other refusal is the topic's, not the
+        letter's, and goes to ``errors``."""
 
-        def report(err: KafkaError | None, _msg: Any) -> None:
-            if err is None:
-                return
+        def refused(err: KafkaError) -> None:
             if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and trim < BARE:
-                refused.append((letter, trim + 1))
+                smaller.append((letter, trim + 1))
             else:
                 errors.append(err)
+
+        def report(err: KafkaError | None, _delivery: Delivery) -> None:
+            if err is None:
+                delivered.append(letter)
+            else:
+                refused(err)
 
         key, value, headers = letter.record(self.group, trim)
         while True:
@@ -146,11 +175,15 @@ class DeadLetterProducer:
                 return
             except BufferError:
                 self.producer.poll(0.1)
-            except (KafkaException, TypeError, ValueError):
-                if trim == BARE:  # ingestd's own headers alone: not the record's fault
-                    raise
-                refused.append((letter, BARE if trim == NO_VALUE else NO_VALUE))
+            except KafkaException as exc:
+                refused(exc.args[0])
                 return
 
+    def _renew(self) -> None:
+        """Replace the client, after a refusal: librdkafka remembers a topic it was told is
+        unknown for up to ``metadata.max.age.ms`` (15 minutes), even once it exists."""
+        self.producer.close()
+        self.producer = Producer(self.props)
+
     def close(self) -> None:
-        self.producer.flush(FLUSH_TIMEOUT)
+        self.producer.close(FLUSH_TIMEOUT)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from ingestd.rdkafka import Header
 
 # W3C Trace Context, as OpenTelemetry's propagators write it into Kafka headers, and as
 # opentelemetry-instrumentation-celery reads it from a task message's headers.
@@ -28,14 +31,16 @@ _TRACEPARENT = re.compile(
     r"(-.*)?[ \t]*")
 
 
-def kafka_metadata(msg: Message) -> dict[str, Any]:
-    """The ``kafka`` keyword argument for the task of ``msg`` (a record without an error).
+def kafka_metadata(msg: Message, headers: Sequence[Header] | None) -> dict[str, Any]:
+    """The ``kafka`` keyword argument for the task of ``msg`` (a record without an error),
+    whose headers (:func:`ingestd.rdkafka.headers`) are ``headers``.
 
     ``{"topic", "partition", "offset", "timestamp", "key", "headers", "base64"}``:
     the timestamp in milliseconds since the epoch (None where the record has none);
-    the key, and each header as ``[name, value]`` in the record's order. Keys and
-    header values are strings where they are valid UTF-8, else base64 of their
-    bytes; ``base64`` names those (``"key"``, ``"headers.<index>"``)."""
+    the key, and each header as ``[name, value]`` in the record's order. Keys, header
+    names and header values are strings where they are valid UTF-8, else base64 of
+    their bytes; ``base64`` names those (``"key"``, ``"headers.<index>"`` for a value,
+    ``"headers.<index>.name"`` for a name)."""
     encoded: list[str] = []
 
     def text(value: bytes | str | None, where: str) -> str | None:
@@ -52,13 +57,13 @@ def kafka_metadata(msg: Message) -> dict[str, Any]:
         "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
         "timestamp": None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp,
         "key": text(msg.key(), "key"),
-        "headers": [[name, text(value, f"headers.{i}")]
-                    for i, (name, value) in enumerate(msg.headers() or ())],
+        "headers": [[text(name, f"headers.{i}.name"), text(value, f"headers.{i}")]
+                    for i, (name, value) in enumerate(headers or ())],
         "base64": encoded,
     }
 
 
-def trace_context(headers: list[tuple[str, bytes | str | None]]) -> dict[str, str] | None:
+def trace_context(headers: Sequence[Header]) -> dict[str, str] | None:
     """The record's ``traceparent`` and ``tracestate`` headers, as Celery message headers;
     None without a ``traceparent`` (a tracestate alone continues nothing). Names match
     in any case, as HTTP's do; the first of a name wins. A ``traceparent`` not in W3C's
@@ -66,6 +71,8 @@ def trace_context(headers: list[tuple[str, bytes | str | None]]) -> dict[str, st
     :data:`MAX_TRACE_HEADER`, are left out."""
     found: dict[str, str | None] = {}
     for name, value in headers:
+        if not isinstance(name, str):  # not UTF-8: no trace header's name
+            continue
         low = name.lower()
         if low not in (TRACEPARENT, TRACESTATE) or low in found:
             continue

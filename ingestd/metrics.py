@@ -34,6 +34,9 @@ end_to_end_latency = Histogram(
     # Milliseconds resolved: natural batching publishes within a few of them.
     buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25,
              0.5, 1, 2.5, 5, 10, 30, 60, 300))
+dlq_refused = Gauge("ingestd_dlq_refused",
+                    "1 while a worker retries letters the dead-letter topic refused "
+                    "(partitions paused)", multiprocess_mode="livesum")
 backpressure_paused = Gauge("ingestd_backpressure_paused",
                             "1 while a worker is paused because the Celery queue is full",
                             multiprocess_mode="livesum")

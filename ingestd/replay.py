@@ -28,17 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from ingestd import config as cfg
-from ingestd import dlq, kafka, logs
+from ingestd import dlq, kafka, logs, rdkafka
 from ingestd.errors import ConfigError, ExitCode, RecordError
 from ingestd.schema import INTERNAL, REASONS, Validator
 
@@ -215,7 +208,7 @@ class Replay:
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "enable.partition.eof": True, "logger": LIBRDKAFKA_LOG})
         # A record's fate is known once flush() returns: librdkafka gives up on it first.
-        self.producer = None if options.dry_run else Producer({
+        self.producer = None if options.dry_run else rdkafka.Producer({
             **kafka.producer_config(config), "message.timeout.ms": int(DELIVERY_TIMEOUT * 1000),
             "logger": LIBRDKAFKA_LOG})
         self.progress = sys.stderr.isatty()
@@ -273,7 +266,7 @@ class Replay:
 
     def handle(self, msg: Message) -> None:
         """Count one letter, and produce its record if it is selected and passes."""
-        own, theirs = dlq.split(cast(dlq.Headers | None, msg.headers()))  # a list, as consumed
+        own, theirs = dlq.split(rdkafka.headers(msg))
         options = self.options
         if not options.selects(own):
             return
@@ -293,7 +286,9 @@ class Replay:
         value = msg.value()
         if self.validator is not None:
             try:
-                self.validator.check(value)
+                key = msg.key()
+                self.validator.check(value, (len(key) if key else 0)
+                                     + rdkafka.headers_size(theirs))
             except RecordError as exc:
                 self.counts.invalid[exc.reason] += 1
                 return

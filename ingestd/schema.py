@@ -78,8 +78,10 @@ class Validator:
         self._typed = (msgspec.json.Decoder(self.struct).decode
                        if typed and self.struct is not None else None)
 
-    def check(self, raw: bytes | None) -> Any:
-        """The decoded JSON object, or :class:`RecordError` naming the category.
+    def check(self, raw: bytes | None, extra: int = 0) -> Any:
+        """The decoded JSON object, or :class:`RecordError` naming the category. ``extra``:
+        the bytes of the record's key and headers, which count toward
+        ``--max-record-bytes`` with its value.
 
         A ``typed`` validator with a struct schema decodes straight into the struct (one
         pass, no dict), and returns None for a record it accepts: for a caller that needs
@@ -89,8 +91,10 @@ class Validator:
         if not raw:
             detail = "empty value" if raw is not None else "null value (tombstone)"
             raise RecordError(DECODE, detail)
-        if len(raw) > self.max_record_bytes:
-            raise RecordError(TOO_LARGE, f"{len(raw)} bytes > {self.max_record_bytes}")
+        if len(raw) + extra > self.max_record_bytes:
+            parts = f" (value {len(raw)}, key and headers {extra})" if extra else ""
+            raise RecordError(TOO_LARGE,
+                              f"{len(raw) + extra} bytes{parts} > {self.max_record_bytes}")
         # Counted before decoding: a record of a million bytes can decode to tens of
         # megabytes of Python objects. Every item takes at least a byte and every level
         # two, so a record no longer than the limits holds neither too many items nor more

@@ -35,11 +35,11 @@ from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from ingestd import codec, dispatch, kafka, logs
+from ingestd import codec, dispatch, kafka, logs, rdkafka
 from ingestd.assignment import Assignment
 from ingestd.backpressure import QueueWatch
 from ingestd.config import Config
-from ingestd.dlq import DeadLetter, DeadLetterProducer
+from ingestd.dlq import DeadLetter, DeadLetterError, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
 from ingestd.heartbeat import READY, REJOIN, REPLACE
 from ingestd.inflight import InFlight
@@ -83,7 +83,7 @@ class Batch:
     consumed: dict[str, int] = field(default_factory=dict)  # per topic
     oldest_ms: int = 0
     messages: Any = None  # what the dispatcher built from ``tasks``
-    letters_sent: bool = False  # a retry must not send them again
+    unsent: list[DeadLetter] | None = None  # letters still to send (None: all of them)
     revision: int = 0  # the assignment's revision when it was decoded
     records: list[Message] = field(default_factory=list)  # consumed; kept until built
 
@@ -123,6 +123,7 @@ class Worker:
         self.refused: tuple[Batch, DispatchError] | None = None
         self.fatal: KafkaError | None = None
         self.broker_error = ""
+        self.dlq_error = ""  # the dead-letter topic refuses letters: why
         self.status = ""
         self.validator = validator(config)
         self.dispatcher = dispatch.create(config)
@@ -264,6 +265,7 @@ class Worker:
         offsets, consumed = batch.offsets, batch.consumed
         each = self.config.dispatch == "each"
         with_metadata = self.config.with_metadata
+        read_headers, headers_size = rdkafka.headers, rdkafka.headers_size
         size, max_size = 0, self.config.max_batch_bytes
         quarantine = self.quarantine or None
         slices: dict[tuple[str, int], tuple[str, list[bytes], list[Any], list[str],
@@ -277,7 +279,10 @@ class Worker:
                 self.carry[:0] = messages[i:]
                 messages = messages[:i]
                 break
-            size += len(msg)
+            headers = read_headers(msg)  # None, and cheap, for a record without headers
+            key = msg.key()
+            extra = (len(key) if key else 0) + (headers_size(headers) if headers else 0)
+            size += len(msg) + extra
             err = msg.error()
             if err is not None:
                 self._on_message_error(err)
@@ -300,23 +305,22 @@ class Worker:
             offsets[run] = offset + 1
             consumed[topic] = consumed.get(topic, 0) + 1
             if quarantine is not None and quarantine.holds(topic, partition, offset):
-                batch.letters.append(_letter(msg, INTERNAL, QUARANTINED))
+                batch.letters.append(_letter(msg, INTERNAL, QUARANTINED, headers))
                 continue
             raw = msg.value()
             try:
-                obj = check(raw)
+                obj = check(raw, extra)
             except RecordError as exc:
-                batch.letters.append(_letter(msg, exc.reason, exc.detail))
+                batch.letters.append(_letter(msg, exc.reason, exc.detail, headers))
                 continue
             except Exception as exc:  # a bug or a library's limit: this record's alone
-                batch.letters.append(_letter(msg, INTERNAL, _describe(exc)))
+                batch.letters.append(_letter(msg, INTERNAL, _describe(exc), headers))
                 continue
             assert raw is not None  # check() refuses tombstones
             if each:
-                headers = msg.headers()  # None, and cheap, for a record without headers
                 add_task(new(task, (f"{prefix}{offset}", topic, [raw], [obj], None,
-                                    [kafka_metadata(msg)] if with_metadata else None,
-                                    trace_context(headers) if headers else None)))  # type: ignore[arg-type]
+                                    [kafka_metadata(msg, headers)] if with_metadata else None,
+                                    trace_context(headers) if headers else None)))
             else:
                 _, raws, objs, ids, meta = slices.setdefault(
                     run, (topic, [], [], [], [] if with_metadata else None))
@@ -324,7 +328,7 @@ class Worker:
                 objs.append(obj)
                 ids.append(f"{prefix}{offset}")
                 if meta is not None:
-                    meta.append(kafka_metadata(msg))
+                    meta.append(kafka_metadata(msg, headers))
         for topic, raws, objs, ids, meta in slices.values():
             add_task(dispatch.slice_task(topic, raws, objs, ids, meta))
         batch.oldest_ms = oldest
@@ -362,9 +366,14 @@ class Worker:
     def publish(self, batch: Batch) -> None:
         """On the in-flight thread: dead letters, then tasks; raises DispatchError when
         either is refused. Nothing here touches the consumer."""
-        if batch.letters and self.dlq is not None and not batch.letters_sent:
-            self.dlq.send(batch.letters)
-            batch.letters_sent = True
+        unsent = batch.letters if batch.unsent is None else batch.unsent
+        if unsent and self.dlq is not None:
+            try:
+                self.dlq.send(unsent)
+            except DeadLetterError as exc:  # a retry sends only what was not delivered
+                batch.unsent = exc.undelivered
+                raise
+        batch.unsent = []
         started = time.perf_counter()
         self.dispatcher.send(batch.messages)
         # Now, not when this thread's result is collected: a queue depth asked in between
@@ -393,7 +402,7 @@ class Worker:
             attempt += 1
             self.broker_log.warning("%s; retrying in %.1fs (attempt %d), partitions paused",
                                     exc, delay, attempt)
-            self._broker_state(exc)
+            self._refused_state(exc)
             if self._serve(lambda: False, delay, "broker", ""):
                 self.refused = None
                 self.inflight.submit(batch, self.publish)
@@ -413,7 +422,7 @@ class Worker:
         if exc is not None:
             self.refused = (batch, exc)
             return
-        self._broker_state(None)
+        self._refused_state(None)
         self.offsets.store(batch.offsets, sum(batch.consumed.values()))
 
     def await_commit(self, records: int | None = None) -> None:
@@ -564,6 +573,14 @@ class Worker:
         self._pause("backpressure", on)
         self.metrics.backpressure_paused.set(1 if on else 0)
 
+    def _refused_state(self, exc: DispatchError | None) -> None:
+        """A batch was refused (by the Celery broker or the dead-letter topic), or accepted
+        (None: both took it)."""
+        if exc is None or isinstance(exc, DeadLetterError):
+            self._dlq_state(exc)
+        if not isinstance(exc, DeadLetterError):
+            self._broker_state(exc)
+
     def _broker_state(self, exc: DispatchError | None) -> None:
         error = f"celery broker unreachable: {exc}"[:300] if exc else ""
         if error == self.broker_error:
@@ -575,10 +592,20 @@ class Worker:
         self.broker_error = error
         self._update_status()
 
+    def _dlq_state(self, exc: DeadLetterError | None) -> None:
+        error = str(exc)[:300] if exc else ""
+        if error == self.dlq_error:
+            return
+        if exc is None:
+            log.info("dead-letter topic accepts letters again")
+        self.dlq_error = error
+        self.metrics.dlq_refused.set(1 if exc else 0)
+        self._update_status()
+
     def _update_status(self) -> None:
         """The status line the supervisor reads for /readyz: ``ready`` or why not."""
-        if self.broker_error:
-            self.status = self.broker_error
+        if self.broker_error or self.dlq_error:
+            self.status = self.broker_error or self.dlq_error
         elif self.waiting:
             self.status = self.waiting
         elif not self.assignment.joined:
@@ -727,7 +754,8 @@ def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatc
             partition, offset = map(int, rid[len(task.topic) + 1:].split("-"))
             reason, detail = (exc.reason, exc.detail) if isinstance(exc, RecordError) \
                 else (INTERNAL, _describe(exc))
-            letters.append(_letter(by_offset[(task.topic, partition, offset)], reason, detail))
+            msg = by_offset[(task.topic, partition, offset)]
+            letters.append(_letter(msg, reason, detail, rdkafka.headers(msg)))
         if task.ids is None:
             kept += good
         elif good:
@@ -748,16 +776,21 @@ def _fails(prepare: Callable[[list[dispatch.Task]], Any], task: dispatch.Task) -
 
 
 def _size(messages: list[Message]) -> int:
-    """The bytes of the records' values."""
-    return sum(map(len, messages))
+    """The bytes of the records: values, keys and headers."""
+    size = 0
+    for msg in messages:
+        headers, key = rdkafka.headers(msg), msg.key()
+        size += len(msg) + (len(key) if key else 0) + rdkafka.headers_size(headers)
+    return size
 
 
-def _letter(msg: Message, reason: str, detail: str) -> DeadLetter:
-    """The dead letter of a consumed record (``msg`` has no error)."""
+def _letter(msg: Message, reason: str, detail: str,
+            headers: list[rdkafka.Header] | None) -> DeadLetter:
+    """The dead letter of a consumed record (``msg`` has no error) whose headers are
+    ``headers``."""
     return DeadLetter(cast(str, msg.topic()), cast(int, msg.partition()),
                       cast(int, msg.offset()), msg.timestamp()[1], msg.key(), msg.value(),
-                      reason, detail, cast("list[tuple[str, str | bytes | None]] | None",
-                                           msg.headers()))
+                      reason, detail, headers)
 
 
 def _describe(exc: BaseException) -> str:

@@ -6,13 +6,17 @@ of ingestd runs one to continue the producers' traces.
 Spans go to an in-memory exporter; the task ``traced.finished_spans`` writes what it
 holds to Redis (``<prefix>spans``: span name, trace id, parent span id, the task id),
 so that a test can read it from outside the worker. Run with ``--pool solo``: one
-process, so the exporter the tasks write to is the one that task reads.
+process, so the exporter the tasks write to is the one that task reads. Celery is
+instrumented when the worker starts, not on import: a test that imports
+``SPANS_KEY`` must not instrument its own process's ``send_task``.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from celery import signals
 from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -25,8 +29,12 @@ SPANS_KEY = RESULTS_PREFIX + "spans"
 exporter = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
-trace.set_tracer_provider(provider)
-CeleryInstrumentor().instrument(tracer_provider=provider)
+
+
+@signals.worker_init.connect
+def _instrument(**_: Any) -> None:
+    trace.set_tracer_provider(provider)
+    CeleryInstrumentor().instrument(tracer_provider=provider)
 
 
 @app.task(name="traced.finished_spans")
