@@ -6,13 +6,18 @@ import logging
 from typing import Any
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
 
-from ingestd import codec, dispatch, kafka
+from ingestd import codec, dispatch, kafka, rdkafka
 from ingestd import config as cfg
 from ingestd.errors import ExitCode, IngestdError
 
 TIMEOUT = 10.0
+AUTO_CREATE = "auto.create.topics.enable"
 
 
 def run_check(loaded: cfg.Loaded) -> int:
@@ -54,14 +59,38 @@ def check_kafka(config: cfg.Config) -> list[str]:
     elif dlq in meta.topics:
         print(f"  dead-letter topic {dlq}: exists")
     else:
-        future = admin.create_topics([NewTopic(dlq, 1)], validate_only=True)[dlq]
-        try:
-            future.result(timeout=TIMEOUT)
-            print(f"  dead-letter topic {dlq}: missing, can be created")
-        except KafkaException as exc:
-            problems.append(f"dead-letter topic {dlq!r} is missing and cannot be created: "
-                            f"{exc.args[0].str()}")
+        problems += _missing_dead_letter_topic(admin, dlq, min(meta.brokers, default=None))
+    print(f"  record headers: read {rdkafka.HEADERS_READ_BY}")
     return problems
+
+
+def _missing_dead_letter_topic(admin: AdminClient, dlq: str, broker: int | None) -> list[str]:
+    """ingestd does not create the dead-letter topic: the broker does, on the first letter,
+    where its ``auto.create.topics.enable`` says so. Where it does not, the workers would
+    pause on the first invalid record until someone creates the topic."""
+    if broker is None:
+        return [f"dead-letter topic {dlq!r} is missing, and no broker answered"]
+    resource = ConfigResource(ConfigResource.Type.BROKER, str(broker))
+    try:
+        entries = admin.describe_configs([resource])[resource].result(timeout=TIMEOUT)
+        creates = entries[AUTO_CREATE].value == "true"
+    except (KafkaException, KeyError) as exc:
+        why = exc.args[0].str() if isinstance(exc, KafkaException) else f"no {AUTO_CREATE}"
+        print(f"  dead-letter topic {dlq}: missing; whether broker {broker} creates it on the "
+              f"first letter is unknown ({why})")
+        return []
+    if not creates:
+        return [f"dead-letter topic {dlq!r} is missing, and broker {broker} does not create "
+                f"topics ({AUTO_CREATE}=false): create it, or the workers pause on the first "
+                "invalid record until it exists"]
+    future = admin.create_topics([NewTopic(dlq, 1)], validate_only=True)[dlq]
+    try:
+        future.result(timeout=TIMEOUT)
+    except KafkaException as exc:
+        return [f"dead-letter topic {dlq!r} is missing and cannot be created: "
+                f"{exc.args[0].str()}"]
+    print(f"  dead-letter topic {dlq}: missing; broker {broker} creates it on the first letter")
+    return []
 
 
 def check_broker(config: cfg.Config) -> list[str]:

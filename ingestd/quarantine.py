@@ -9,8 +9,10 @@ it, before it starts, and empties the file once the messages are built: a
 death while it waits (for the Celery broker, for Kafka) says nothing about the
 records, say an operator's ``kill -9`` during an outage. When a worker dies (a
 signal, an exception ingestd did not expect, or a kill because it stopped
-beating), the supervisor reads that file; records that two deaths held both
-are quarantined. Every worker started after that dead-letters them as
+beating), the supervisor reads that file. What a death held is suspected: the
+next workers take those records one at a time, each alone in its batch, so a
+second death names the one record it died on. Records that two deaths held
+both are quarantined: every worker started after that dead-letters them as
 ``internal`` without decoding them.
 
 Nothing here imports confluent_kafka: the supervisor uses it too.
@@ -24,6 +26,9 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from ingestd import logs
+
+log = logs.get("supervisor")
 DEATHS_KEPT = 16  # the last deaths whose ranges a new death is compared with
 DETAIL = "skipped: a worker died twice while it held this record (see the supervisor's log)"
 
@@ -74,17 +79,30 @@ class Holding:
         self.fd = fd
 
     def hold(self, ranges: Iterable[Range]) -> None:
-        data = "".join(f"{r.topic} {r.partition} {r.first} {r.last}\n" for r in ranges).encode()
+        """Its first line says how long the rest is: a worker killed between the write and
+        the truncation leaves the old file's tail behind, which the length leaves out."""
+        body = "".join(f"{r.topic} {r.partition} {r.first} {r.last}\n" for r in ranges).encode()
+        data = b"%d\n%s" % (len(body), body)
         os.pwrite(self.fd, data, 0)
         os.ftruncate(self.fd, len(data))
 
     def held(self) -> list[Range]:
+        """What the worker held; nothing where the file cannot be read as written (a death
+        in the middle of a write is no evidence against the records)."""
         size = os.fstat(self.fd).st_size
-        text = os.pread(self.fd, size, 0).decode(errors="replace") if size else ""
+        data = os.pread(self.fd, size, 0) if size else b""
+        head, _, rest = data.partition(b"\n")
         out = []
-        for line in text.splitlines():
-            topic, partition, first, last = line.split()
-            out.append(Range(topic, int(partition), int(first), int(last)))
+        try:
+            length = int(head) if head else 0
+            if length > len(rest):
+                raise ValueError(f"{len(rest)} bytes of {length}")
+            for line in rest[:length].decode().splitlines():
+                topic, partition, first, last = line.split()
+                out.append(Range(topic, int(partition), int(first), int(last)))
+        except ValueError as exc:  # UnicodeDecodeError too
+            log.warning("a worker's holding file is torn (%s): taken as holding nothing", exc)
+            return []
         return out
 
     def close(self) -> None:
@@ -93,6 +111,11 @@ class Holding:
 
 class Suspects:
     """The supervisor's record of what dead workers held, and what is quarantined."""
+
+    def quarantine(self) -> Quarantine:
+        """For a worker started now: what it dead-letters, and what it takes one record
+        at a time."""
+        return Quarantine(self.quarantined, [r for held in self.deaths for r in held])
 
     def __init__(self) -> None:
         self.deaths: collections.deque[list[Range]] = collections.deque(maxlen=DEATHS_KEPT)
@@ -117,16 +140,30 @@ class Suspects:
 
 
 class Quarantine:
-    """A worker's lookup: is this record quarantined?"""
+    """A worker's lookups: is this record quarantined (dead-lettered undecoded), or suspected
+    (taken alone)?"""
 
-    def __init__(self, ranges: Iterable[Range]) -> None:
-        self.by_partition: dict[tuple[str, int], list[Range]] = {}
-        for r in ranges:
-            self.by_partition.setdefault((r.topic, r.partition), []).append(r)
+    def __init__(self, ranges: Iterable[Range], suspected: Iterable[Range] = ()) -> None:
+        self.by_partition = _by_partition(ranges)
+        self.suspected = _by_partition(suspected)
 
     def __bool__(self) -> bool:
         return bool(self.by_partition)
 
     def holds(self, topic: str, partition: int, offset: int) -> bool:
-        return any(r.first <= offset <= r.last
-                   for r in self.by_partition.get((topic, partition), ()))
+        return _within(self.by_partition, topic, partition, offset)
+
+    def suspects(self, topic: str, partition: int, offset: int) -> bool:
+        return _within(self.suspected, topic, partition, offset)
+
+
+def _by_partition(ranges: Iterable[Range]) -> dict[tuple[str, int], list[Range]]:
+    out: dict[tuple[str, int], list[Range]] = {}
+    for r in ranges:
+        out.setdefault((r.topic, r.partition), []).append(r)
+    return out
+
+
+def _within(ranges: dict[tuple[str, int], list[Range]], topic: str, partition: int,
+            offset: int) -> bool:
+    return any(r.first <= offset <= r.last for r in ranges.get((topic, partition), ()))

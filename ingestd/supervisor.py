@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from ingestd import logs
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
 from ingestd.heartbeat import READY, REJOIN, REPLACE, STARTING, Heartbeat
-from ingestd.quarantine import Holding, Range, Suspects
+from ingestd.quarantine import Holding, Quarantine, Range, Suspects
 from ingestd.ratelimit import RateLimit
 from ingestd.systemd import Notifier
 
@@ -166,11 +166,11 @@ class Supervisor:
             pass
 
     def spawn(self, slot: int) -> None:
-        config, holding, quarantined = self.config, Holding(), list(self.suspects.quarantined)
+        config, holding, quarantine = self.config, Holding(), self.suspects.quarantine()
         rate_limit = self.rate_limit
         pid, heartbeat = self._fork(
             f"ingestd-w{slot}",
-            lambda beat, early: run_worker(config, slot, beat, early, holding, quarantined,
+            lambda beat, early: run_worker(config, slot, beat, early, holding, quarantine,
                                            rate_limit))
         self.workers[slot] = WorkerHandle(slot, pid, heartbeat, holding,
                                           generation=self.generation)
@@ -482,7 +482,7 @@ def _child_of(parent: int, name: str) -> None:
 
 
 def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int],
-               holding: Holding | None = None, quarantined: Sequence[Range] = (),
+               holding: Holding | None = None, quarantine: Quarantine | None = None,
                rate_limit: RateLimit | None = None) -> int:
     """The worker process's main; returns its exit code. ``holding`` is told which
     records the worker holds, up to an exit ingestd meant."""
@@ -492,7 +492,7 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]
     from ingestd.worker import Worker  # imported after fork: librdkafka is not fork-safe
 
     try:
-        worker = Worker(config, slot, heartbeat.beat, holding, quarantined, rate_limit)
+        worker = Worker(config, slot, heartbeat.beat, holding, quarantine, rate_limit)
     except Exception as exc:
         log.error("worker %d cannot boot: %s", slot, exc,
                   exc_info=not isinstance(exc, IngestdError))

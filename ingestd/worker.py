@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -46,7 +46,7 @@ from ingestd.inflight import InFlight
 from ingestd.metadata import kafka_metadata, trace_context
 from ingestd.offsets import Offsets
 from ingestd.quarantine import DETAIL as QUARANTINED
-from ingestd.quarantine import Holding, Quarantine, Range, ranges_of
+from ingestd.quarantine import Holding, Quarantine, ranges_of
 from ingestd.ratelimit import RateLimit, batch_cap
 from ingestd.schema import INTERNAL, Validator
 
@@ -99,7 +99,8 @@ class Worker:
 
     def __init__(self, config: Config, slot: int = 0,
                  beat: Callable[[str], None] | None = None, holding: Holding | None = None,
-                 quarantined: Sequence[Range] = (), rate_limit: RateLimit | None = None) -> None:
+                 quarantine: Quarantine | None = None,
+                 rate_limit: RateLimit | None = None) -> None:
         self.config = config
         # --max-rate: the host's bucket (the supervisor's; a worker of its own without one).
         # Without a limit, none: a batch then costs no lock.
@@ -110,7 +111,7 @@ class Worker:
         self.slot = slot
         self.beat = beat or (lambda status: None)
         self.holding = holding
-        self.quarantine = Quarantine(quarantined)
+        self.quarantine = quarantine if quarantine is not None else Quarantine(())
         self.parent = os.getppid()
         self.stopping = False
         self.rejoin = False  # asked by the supervisor (REJOIN)
@@ -215,7 +216,24 @@ class Worker:
         """The next batch: what was carried over, then what Kafka has, up to the batch size
         (:meth:`decode` cuts it at ``--max-batch-bytes``; ``--max-rate`` caps the size).
         While the partitions are paused (backpressure, the rate limit, ...) nothing is
-        handed on: what was carried waits with them."""
+        handed on: what was carried waits with them. A record a dead worker held goes
+        alone (see :mod:`ingestd.quarantine`)."""
+        messages = self._consume()
+        return self._alone(messages) if self.quarantine.suspected and messages else messages
+
+    def _alone(self, messages: list[Message]) -> list[Message]:
+        """The records before the first suspected one; or that one alone, if it is first.
+        The rest is carried into the next batches."""
+        suspects = self.quarantine.suspects
+        for i, msg in enumerate(messages):
+            where = msg.topic(), msg.partition(), msg.offset()
+            if msg.error() is None and suspects(*where):  # type: ignore[arg-type]
+                cut = max(i, 1)
+                self.carry[:0] = messages[cut:]
+                return messages[:cut]
+        return messages
+
+    def _consume(self) -> list[Message]:
         n, carry = self.batch_size, self.carry
         if self.paused_by:
             self.carry += self.consumer.consume(n, self.config.batch_timeout_ms / 1000)

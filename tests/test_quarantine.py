@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from confluent_kafka import Message
 
 from ingestd.quarantine import Holding, Quarantine, Range, Suspects, ranges_of
@@ -45,3 +47,46 @@ def test_two_deaths_quarantine_what_both_held() -> None:
     assert quarantine and not Quarantine([])
     assert [o for o in range(140, 210) if quarantine.holds("t", 0, o)] == list(range(150, 200))
     assert not quarantine.holds("t", 1, 160) and not quarantine.holds("u", 0, 160)
+
+
+def test_a_torn_holding_file_reads_as_written_or_as_nothing() -> None:
+    """A worker killed between the write and the truncation leaves the old file's tail;
+    one killed mid-write, or a file of something else, holds nothing: no exception
+    reaches the supervisor."""
+    holding = Holding()
+    try:
+        holding.hold([Range("t", 0, 100, 199), Range("t", 1, 5, 9), Range("u", 2, 0, 0)])
+        os.pwrite(holding.fd, b"12\nt 0 300 399\n", 0)  # written, not yet truncated
+        assert holding.held() == [Range("t", 0, 300, 399)]
+        for junk in (b"40\nt 0 1", b"x\n", b"3\n\xff\xfe\n", b"9\nt 0 a b\n"):
+            os.pwrite(holding.fd, junk, 0)
+            os.ftruncate(holding.fd, len(junk))
+            assert holding.held() == []
+    finally:
+        holding.close()
+
+
+def test_what_one_death_held_is_suspected_and_taken_one_record_at_a_time() -> None:
+    from ingestd.worker import Worker
+
+    suspects = Suspects()
+    suspects.died_holding([Range("t", 0, 10, 19)])
+    quarantine = suspects.quarantine()
+    assert not quarantine
+    assert quarantine.suspects("t", 0, 15) and not quarantine.suspects("t", 0, 20)
+    worker = Worker.__new__(Worker)
+    worker.quarantine, worker.carry = quarantine, []
+
+    def next_batch(consumed: list[Message]) -> list[int]:  # as consume() hands the carry on
+        worker.carry = []
+        return [m.offset() for m in worker._alone(consumed)]
+
+    assert next_batch(_msgs(*(("t", 0, o) for o in range(5, 25)))) == list(range(5, 10))
+    assert next_batch(worker.carry) == [10]
+    assert next_batch(worker.carry) == [11]
+    assert [m.offset() for m in worker.carry] == list(range(12, 25))
+    assert next_batch(_msgs(("t", 0, 20), ("t", 1, 12))) == [20, 12]
+    # The second death, on one record alone: that record is quarantined, and only it.
+    assert suspects.died_holding([Range("t", 0, 15, 15)]) == [Range("t", 0, 15, 15)]
+    quarantine = suspects.quarantine()
+    assert [o for o in range(30) if quarantine.holds("t", 0, o)] == [15]
