@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,7 @@ class Supervisor:
         self.rolling: list[int] = []  # slots a HUP has yet to replace
         self.drain_failed = False
         self.systemd = Notifier()
+        self.errors = logs.RateLimited(log)  # a round's unexpected exception
         self.rate_limit = RateLimit(self.config.max_rate)  # shared with every worker
         _set_max_rate(self.config.max_rate)
         self._pipe_r, self._pipe_w = os.pipe()
@@ -122,28 +124,45 @@ class Supervisor:
     # --- lifecycle --------------------------------------------------------
 
     def run(self) -> int:
+        """The loop, until a stop ends it. An exception in one round (a bug, a library's
+        surprise) is logged and the next round goes on: the supervisor is what keeps the
+        workers alive. Whatever ends the loop, no worker is left behind."""
         log.info("starting %d workers: %s", self.target, summary(self.config))
         self.install_signals()
-        while True:
-            self.last_loop = time.monotonic()
-            while self.signals and self.exit_code is None:
-                self.handle_signal(self.signals.pop(0))
-            if self.exit_code is None:
-                self.reap()
-            if self.exit_code is None and self.draining_until is not None:
-                self.check_drain()
-            if self.exit_code is not None:  # QUIT, a boot failure or the end of a drain
-                break
-            if self.draining_until is None:
-                self.check_heartbeats()
-                self.check_ownership()
-                self.roll()
-                self.reconcile()
-                self.notify_systemd()
-            self.systemd.watchdog()
-            self.sleep()
-        self.end_watcher()
+        try:
+            while self.exit_code is None:
+                try:
+                    self.step()
+                except Exception:
+                    self.errors.warning("supervisor loop: unexpected error; going on: %s",
+                                        traceback.format_exc())
+                    self.sleep()
+            self.end_watcher()
+        finally:
+            if self.workers or self.watcher is not None:
+                self.stop_now(ExitCode.RUNTIME if self.exit_code is None else self.exit_code)
         return self.exit_code
+
+    def step(self) -> None:
+        """One round: signals, the dead, the drain; then heartbeats, ownership, a HUP's
+        roll and the worker count; then sleep."""
+        self.last_loop = time.monotonic()
+        while self.signals and self.exit_code is None:
+            self.handle_signal(self.signals.pop(0))
+        if self.exit_code is None:
+            self.reap()
+        if self.exit_code is None and self.draining_until is not None:
+            self.check_drain()
+        if self.exit_code is not None:  # QUIT, a boot failure or the end of a drain
+            return
+        if self.draining_until is None:
+            self.check_heartbeats()
+            self.check_ownership()
+            self.roll()
+            self.reconcile()
+            self.notify_systemd()
+        self.systemd.watchdog()
+        self.sleep()
 
     def notify_systemd(self) -> None:
         """READY=1 once every worker has booted; STATUS= whenever the summary changes."""

@@ -1,0 +1,53 @@
+"""The supervisor's loop survives its own surprises, and leaves no worker behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingestd.config import Config, Loaded
+from ingestd.supervisor import Supervisor
+
+
+def _supervisor() -> Supervisor:
+    loaded = Loaded(Config(workers=1, metrics_addr=""), {})
+    sup = Supervisor(loaded, lambda: loaded)
+    sup.install_signals = lambda: None  # type: ignore[method-assign]  # not pytest's own
+    return sup
+
+
+def test_an_exception_in_a_round_is_logged_and_the_loop_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sup = _supervisor()
+    rounds: list[int] = []
+
+    def step() -> None:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise ValueError("a torn file")
+        sup.exit_code = 0
+
+    sup.step = step  # type: ignore[method-assign]
+    sup.sleep = lambda: None  # type: ignore[method-assign]
+    assert sup.run() == 0
+    assert len(rounds) == 2
+    assert "supervisor loop: unexpected error; going on" in caplog.text
+    assert "ValueError: a torn file" in caplog.text
+
+
+def test_whatever_ends_the_loop_no_worker_is_left_behind() -> None:
+    sup = _supervisor()
+    stopped: list[int] = []
+    sup.workers = {0: object()}  # type: ignore[dict-item]
+
+    def stop_now(code: int = 0) -> None:
+        stopped.append(code)
+        sup.workers.clear()
+
+    def step() -> None:
+        raise KeyboardInterrupt
+
+    sup.step = step  # type: ignore[method-assign]
+    sup.stop_now = stop_now  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        sup.run()
+    assert stopped == [1]
