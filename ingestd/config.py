@@ -122,6 +122,8 @@ PROTECTED_PROPERTIES: dict[str, str] = {
     "bootstrap.servers": "use --bootstrap-servers: the dead-letter producer and the "
                          "ownership watcher use it too",
     "metadata.broker.list": "an alias of bootstrap.servers: use --bootstrap-servers",
+    "auto.offset.reset": "use --offset-reset: starting at the end skips records, so it is "
+                         "an option of its own, which warns",
 }
 
 
@@ -209,6 +211,11 @@ class Config:
         "classic", choices=("classic", "consumer"),
         help="group mode: classic (cooperative-sticky assignor; a restarted worker takes "
              "its partitions back at once) or consumer (KIP-848, brokers 4.0 and later)")
+    offset_reset: str = setting(
+        "earliest", choices=("earliest", "latest"),
+        help="where a partition without a committed offset, or with one out of range, "
+             "starts: earliest (nothing skipped), or latest, which skips the records "
+             "already there and warns at start")
     instance_id: str = setting(
         lambda: socket.gethostname(), metavar="ID", default_doc="host name",
         help="static membership id prefix; each worker joins as <instance-id>-<slot>")

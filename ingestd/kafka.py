@@ -47,7 +47,7 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
         "enable.auto.offset.store": False,
         "auto.commit.interval.ms": 1000,
         # A new group starts at the beginning: skipping records would lose them.
-        "auto.offset.reset": "earliest",
+        "auto.offset.reset": config.offset_reset,
         # Bounded prefetch: memory stays flat however large the lag is. The
         # limit is per consumer (librdkafka's default is 64 MiB). The default
         # queued.min.messages (100,000 per partition) stays: lowering it to

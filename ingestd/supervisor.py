@@ -128,6 +128,10 @@ class Supervisor:
         surprise) is logged and the next round goes on: the supervisor is what keeps the
         workers alive. Whatever ends the loop, no worker is left behind."""
         log.info("starting %d workers: %s", self.target, summary(self.config))
+        if self.config.offset_reset == "latest":
+            log.warning("--offset-reset latest: a partition without a committed offset, or "
+                        "with one out of range, starts at its end; the records before are "
+                        "skipped, never dispatched nor dead-lettered")
         self.install_signals()
         try:
             while self.exit_code is None:

@@ -316,7 +316,7 @@ SECRET_PROPS = [
     "My.Custom.SECRET=Shh-UPPER",
     "sasl.username=alice",  # librdkafka treats it as sensitive too
 ]
-PLAIN_PROPS = ["security.protocol=SASL_SSL", "sasl.mechanism=PLAIN", "auto.offset.reset=earliest"]
+PLAIN_PROPS = ["security.protocol=SASL_SSL", "sasl.mechanism=PLAIN", "fetch.wait.max.ms=100"]
 
 
 def _all_text(loaded: Loaded) -> str:
@@ -430,3 +430,13 @@ def test_every_protected_property_is_refused() -> None:
             load(["-X", f" {key} =true"], {})
     assert load(["-X", "enable.partition.eof=true"], {}).config.kafka_properties == {
         "enable.partition.eof": "true"}
+
+
+def test_starting_at_the_end_is_an_option_of_its_own() -> None:
+    from ingestd.kafka import consumer_config
+
+    assert consumer_config(load([], {}).config, 0)["auto.offset.reset"] == "earliest"
+    latest = load(["--offset-reset", "latest"], {}).config
+    assert consumer_config(latest, 0)["auto.offset.reset"] == "latest"
+    with pytest.raises(ConfigError, match="use --offset-reset"):
+        load(["-X", "auto.offset.reset=latest"], {})

@@ -8,8 +8,8 @@ from ingestd.config import Config, Loaded
 from ingestd.supervisor import Supervisor
 
 
-def _supervisor() -> Supervisor:
-    loaded = Loaded(Config(workers=1, metrics_addr=""), {})
+def _supervisor(**settings: str) -> Supervisor:
+    loaded = Loaded(Config(workers=1, metrics_addr="", **settings), {})
     sup = Supervisor(loaded, lambda: loaded)
     sup.install_signals = lambda: None  # type: ignore[method-assign]  # not pytest's own
     return sup
@@ -51,3 +51,10 @@ def test_whatever_ends_the_loop_no_worker_is_left_behind() -> None:
     with pytest.raises(KeyboardInterrupt):
         sup.run()
     assert stopped == [1]
+
+
+def test_starting_at_the_end_warns(caplog: pytest.LogCaptureFixture) -> None:
+    sup = _supervisor(offset_reset="latest")
+    sup.exit_code = 0
+    sup.run()
+    assert "--offset-reset latest" in caplog.text and "skipped" in caplog.text
