@@ -5,9 +5,10 @@ commits them asynchronously, and publishes the next batch only once Kafka has
 confirmed that commit (:attr:`Offsets.unconfirmed` is empty), or while the
 records at risk (:attr:`Offsets.at_risk`, accepted but not confirmed) and the
 next batch together fit in one full batch; so a crash repeats at most a full
-batch of records. The confirmation is librdkafka's commit callback, which also
-reports librdkafka's own periodic commits: any result that covers a stored
-offset confirms it. Only the worker's thread, which owns the consumer, uses
+batch of records. A commit Kafka refuses confirms nothing: the records stay at
+risk, and the worker waits, however long the refusals last. The confirmation is
+librdkafka's commit callback, which also reports librdkafka's own periodic
+commits: any result that covers a stored offset confirms it. Only the worker's thread, which owns the consumer, uses
 this class.
 """
 
@@ -60,19 +61,20 @@ class Offsets:
                 self.failed(exc.args[0])
 
     def confirmed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's commit callback (``on_commit``). A failed commit confirms nothing
-        will come for what it held: it is counted, and librdkafka commits the stored
-        offsets again within a second."""
+        """librdkafka's commit callback (``on_commit``). A failed commit confirms nothing: it
+        is counted, and what it held stays unconfirmed, and at risk, until a later commit
+        (librdkafka's own, within a second, or the worker's) covers it."""
         if err is not None:
-            if err.code() != KafkaError._NO_OFFSET:  # _NO_OFFSET: all is committed already
+            if err.code() == KafkaError._NO_OFFSET:  # nothing stored is uncommitted
+                self.unconfirmed.clear()
+                self.at_risk = 0
+            else:
                 self.failed(err)
-            self.give_up()
             return
         for tp in partitions:
             key = (tp.topic, tp.partition)
             if tp.error is not None:
                 self.failed(tp.error)
-                self.unconfirmed.pop(key, None)
             elif key in self.unconfirmed and tp.offset >= self.unconfirmed[key]:
                 del self.unconfirmed[key]
         if not self.unconfirmed:
@@ -85,6 +87,3 @@ class Offsets:
         if not self.unconfirmed:
             self.at_risk = 0
 
-    def give_up(self) -> None:
-        self.unconfirmed.clear()
-        self.at_risk = 0

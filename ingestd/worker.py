@@ -62,7 +62,8 @@ LEAVE_TIMEOUT = 3.0
 SLOW = 1.0  # a wait longer than this pauses the partitions and shows on /readyz
 SLICE = 0.02  # a long wait serves Kafka and checks what it waits for this often
 COMMIT_POLL = 0.001
-COMMIT_WAIT = 15.0  # longest wait for a commit's confirmation before publishing on
+COMMIT_AGAIN = 5.0  # while a commit is not confirmed, commit the stored offsets this often
+COMMIT_STATUS = "waiting for Kafka to confirm a commit"
 REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accepted
 # A batch holds some 30,000 young objects (decoded records, tasks, messages) that live
 # until it is built. At Python's default gen-0 threshold (700) the cycle collector
@@ -470,13 +471,13 @@ class Worker:
                 size += len(got[0])
             if pending and (len(self.carry) >= n or size >= max_size):
                 time.sleep(COMMIT_POLL)
-        if pending:
-            self._serve(lambda: not pending, COMMIT_WAIT, "commit",
-                        "waiting for Kafka to confirm an offset commit")
-        if pending and not self.abandoned:
-            self.kafka_log.warning("offset commit not confirmed within %.0fs; going on",
-                                   COMMIT_WAIT)
-            self.offsets.give_up()
+        while pending and not self.abandoned:
+            if self._serve(lambda: not pending, COMMIT_AGAIN, "commit", COMMIT_STATUS) \
+                    and pending:
+                self.kafka_log.warning("offset commit not confirmed for %.0fs (%d records at "
+                                       "risk): committing again, partitions paused",
+                                       COMMIT_AGAIN, self.offsets.at_risk)
+                self.offsets.commit(asynchronous=True)
 
     def _serve(self, done: Callable[[], bool], seconds: float, why: str, status: str) -> bool:
         """Serve Kafka with every partition paused until ``done()`` or ``seconds`` pass:

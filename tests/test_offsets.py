@@ -57,15 +57,21 @@ def test_a_result_confirms_what_it_covers_whoever_committed() -> None:
     assert offsets.unconfirmed == {} and failures == []
 
 
-def test_failures_are_reported_and_end_the_wait() -> None:
+def test_failures_are_reported_and_confirm_nothing() -> None:
+    """A refused commit (the coordinator below min.insync.replicas, say) leaves what it held
+    unconfirmed, however often it is refused, until a commit covers it."""
     offsets, _, failures = make({("t", 0), ("t", 1)})
-    offsets.store({("t", 0): 10, ("t", 1): 20})
+    offsets.store({("t", 0): 10, ("t", 1): 20}, records=30)
     offsets.confirmed(None, [tp(0, 10, KafkaError(KafkaError.REBALANCE_IN_PROGRESS)),
                              tp(1, 5)])
-    assert offsets.unconfirmed == {("t", 1): 20}
+    assert offsets.unconfirmed == {("t", 0): 10, ("t", 1): 20}
     assert [f.code() for f in failures] == [KafkaError.REBALANCE_IN_PROGRESS]
-    offsets.confirmed(KafkaError(KafkaError._TRANSPORT), [])
-    assert offsets.unconfirmed == {} and len(failures) == 2
+    for _ in range(3):
+        offsets.confirmed(KafkaError(KafkaError.NOT_ENOUGH_REPLICAS), [])
+    assert offsets.unconfirmed == {("t", 0): 10, ("t", 1): 20} and len(failures) == 4
+    assert offsets.at_risk == 30
+    offsets.confirmed(None, [tp(0, 10), tp(1, 20)])
+    assert offsets.unconfirmed == {} and offsets.at_risk == 0
 
 
 def test_nothing_left_to_commit_confirms_everything() -> None:
@@ -104,4 +110,4 @@ def test_records_stay_at_risk_until_every_commit_is_confirmed() -> None:
     assert offsets.at_risk == 0
     offsets.store({("t", 0): 14}, records=2)
     offsets.confirmed(KafkaError(KafkaError.REQUEST_TIMED_OUT), [])
-    assert offsets.at_risk == 0 and offsets.unconfirmed == {}
+    assert offsets.at_risk == 2 and offsets.unconfirmed == {("t", 0): 14}

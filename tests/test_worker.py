@@ -406,6 +406,7 @@ def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> 
     from confluent_kafka import Message
 
     from ingestd.config import Config
+    from ingestd.quarantine import Quarantine
     from ingestd.worker import Worker
 
     class Fetcher:
@@ -420,6 +421,7 @@ def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> 
     worker = Worker.__new__(Worker)
     worker.config = Config(batch_size=5)
     worker.batch_size = 5
+    worker.quarantine = Quarantine(())
     worker.paused_by = set()
     worker.consumer = fetcher = Fetcher()  # type: ignore[assignment]
     worker.carry = [Message(topic="t", partition=0, offset=o, value=b"v") for o in range(12)]
