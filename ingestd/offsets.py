@@ -8,8 +8,8 @@ next batch together fit in one full batch; so a crash repeats at most a full
 batch of records. A commit Kafka refuses confirms nothing: the records stay at
 risk, and the worker waits, however long the refusals last. The confirmation is
 librdkafka's commit callback, which also reports librdkafka's own periodic
-commits: any result that covers a stored offset confirms it. Only the worker's thread, which owns the consumer, uses
-this class.
+commits: any result that covers a stored offset confirms it. Only the worker's
+thread, which owns the consumer, uses this class.
 """
 
 from __future__ import annotations
