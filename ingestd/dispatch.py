@@ -24,6 +24,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
+import msgspec
 from celery import Celery
 from kombu.connection import Connection
 
@@ -52,6 +53,17 @@ class Task(NamedTuple):
     ids: list[str] | None = None
     meta: list[dict[str, Any]] | None = None
     trace: dict[str, str] | None = None
+
+    def partition(self) -> int:
+        """The partition of its records (the id is ``<topic>-<partition>-...``)."""
+        return int(self.task_id[len(self.topic) + 1:].split("-", 1)[0])
+
+    def restored(self) -> Task:
+        """The task with its decoded records again, where the worker freed them once the
+        messages were built (a rebuild needs them: batch mode's argsrepr)."""
+        if len(self.objs) == len(self.raws):
+            return self
+        return self._replace(objs=[msgspec.json.decode(raw) for raw in self.raws])
 
 
 _TRACE = operator.itemgetter(6)  # Task.trace, read in C: a batch's check runs no Python loop
@@ -82,6 +94,14 @@ class Dispatcher(Protocol):
     def send(self, prepared: Any) -> None:
         """Return once the broker accepted every message; raise DispatchError otherwise,
         with ``prepared`` narrowed to the messages it did not accept."""
+
+    def without(self, prepared: Any, gone: set[tuple[str, int]]) -> Any:
+        """``prepared`` less the messages of records of the ``gone`` partitions (revoked
+        while a batch waited)."""
+
+    def task_size(self, task: Task) -> int:
+        """The bytes of the task's message as its broker limits them: a Redis envelope, an
+        AMQP message body."""
 
     def publish(self, tasks: Sequence[Task]) -> None: ...
 
@@ -245,14 +265,16 @@ MULTI, EXEC = b"*1\r\n$5\r\nMULTI\r\n", b"*1\r\n$4\r\nEXEC\r\n"
 
 
 class Packed:
-    """A batch's LPUSH commands (one per queue), packed to be written at once, and how
-    many replies they get."""
+    """A batch's LPUSH commands (one per queue), packed to be written at once, how many
+    replies they get, and the tasks of each command."""
 
-    def __init__(self, commands: list[bytes]) -> None:
+    def __init__(self, commands: list[bytes], groups: list[list[Task]]) -> None:
+        self.groups = dict(zip(commands, groups, strict=True))
         self.keep(commands)
 
     def keep(self, commands: list[bytes]) -> None:
         self.commands = commands
+        self.groups = {c: self.groups[c] for c in commands}
         if len(commands) > 1:
             self.data, self.replies = b"".join((MULTI, *commands, EXEC)), len(commands) + 2
         else:
@@ -316,9 +338,27 @@ class RedisDispatcher(_Base):
         several), packed here: the in-flight thread then only writes it and reads the
         replies, and barely needs the GIL."""
         if not tasks:
-            return Packed([])
+            return Packed([], [])
+        groups = self.split(tasks)
         return Packed([self._lpush(target, group)  # type: ignore[arg-type]
-                       for target, group in self.split(tasks)])
+                       for target, group in groups], [group for _, group in groups])
+
+    def without(self, packed: Packed, gone: set[tuple[str, int]]) -> Packed:
+        """The commands whose tasks are all kept stay as built; the others are built again
+        from the tasks kept."""
+        kept, rebuild = [], []
+        for command, group in packed.groups.items():
+            tasks = [t for t in group if (t.topic, t.partition()) not in gone]
+            if len(tasks) == len(group):
+                kept.append(command)
+            else:
+                rebuild += [t.restored() for t in tasks]
+        again = self.prepare(rebuild)
+        return Packed(kept + again.commands, [packed.groups[c] for c in kept]
+                      + [again.groups[c] for c in again.commands])
+
+    def task_size(self, task: Task) -> int:
+        return len(self.encode([task.restored()], target=self._target(task.topic))[0])  # type: ignore[arg-type]
 
     def _lpush(self, target: RedisTarget, tasks: list[Task]) -> bytes:
         """In C where built, unless a task has kwargs or trace context (C looks for those
@@ -373,7 +413,17 @@ class RedisDispatcher(_Base):
             raise _error("redis LLEN failed", exc) from exc
 
 
-Prepared = list[tuple[codec.Captured, bytes, dict[str, Any], dict[str, Any]]]
+class Message(NamedTuple):
+    """One AMQP message to publish, built, and the task it carries."""
+
+    captured: codec.Captured
+    body: bytes
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    task: Task
+
+
+Prepared = list[Message]
 
 
 class AmqpDispatcher(_Base):
@@ -422,10 +472,17 @@ class AmqpDispatcher(_Base):
             c, b = target.captured, target.builder
             for t in group:
                 kwargs = task_kwargs(t, batch)
-                out.append((c, b.body(t.raws, batch, kwargs),
-                            b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids, kwargs,
-                                      t.trace), b.properties(t.task_id)))
+                out.append(Message(c, b.body(t.raws, batch, kwargs),
+                                   b.headers(t.task_id, t.raws, _args(t, batch), batch, t.ids,
+                                             kwargs, t.trace), b.properties(t.task_id), t))
         return out
+
+    def without(self, prepared: Prepared, gone: set[tuple[str, int]]) -> Prepared:
+        return [m for m in prepared if (m.task.topic, m.task.partition()) not in gone]
+
+    def task_size(self, task: Task) -> int:
+        (message,) = self.prepare([task.restored()])
+        return len(message.body)
 
     def send(self, prepared: Prepared) -> None:
         if not prepared:
@@ -435,7 +492,7 @@ class AmqpDispatcher(_Base):
             channel = self._channel()
             first = self._published + 1
             self._unconfirmed = set(range(first, first + len(prepared)))
-            for c, body, headers, properties in prepared:
+            for c, body, headers, properties, _ in prepared:
                 message = channel.prepare_message(body, 0, c.content_type, c.content_encoding,
                                                   headers, properties)
                 channel.basic_publish(message, exchange=c.exchange, routing_key=c.routing_key,
@@ -452,7 +509,7 @@ class AmqpDispatcher(_Base):
             return
         # The retry sends only these: what the broker confirmed it holds.
         prepared[:] = [p for tag, p in enumerate(prepared, first)
-                       if tag in self._nacked or p[3]["correlation_id"] in returned]
+                       if tag in self._nacked or p.properties["correlation_id"] in returned]
         if self._returned:
             self._reset()  # the retry declares the queues again, as send_task would
             keys = ", ".join(repr(k) for k in dict.fromkeys(k for k, _ in self._returned))

@@ -367,20 +367,23 @@ class Worker:
 
     def _without_revoked(self, batch: Batch) -> Batch:
         """The batch less the records of partitions taken away while it waited (see
-        :meth:`decode`)."""
+        :meth:`decode`), before it is published or a refused batch is retried: their new
+        owner consumes them again. Messages of the partitions kept are not built again,
+        and a retry still sends only what the broker did not accept."""
         owned = self.assignment.owned
+        gone = {p for p in batch.offsets if p not in owned}
+        if not gone:
+            return dataclasses.replace(batch, revision=self.assignment.revision)
 
-        def mine(task: dispatch.Task) -> bool:
-            partition = task.task_id[len(task.topic) + 1:].split("-", 1)[0]
-            return (task.topic, int(partition)) in owned
+        def kept(letters: list[DeadLetter]) -> list[DeadLetter]:
+            return [x for x in letters if (x.topic, x.partition) not in gone]
 
-        tasks = [t for t in batch.tasks if mine(t)]
-        letters = [x for x in batch.letters if (x.topic, x.partition) in owned]
-        kept = dataclasses.replace(
-            batch, tasks=tasks, letters=letters, revision=self.assignment.revision,
-            offsets={k: v for k, v in batch.offsets.items() if k in owned})
-        kept.messages = self.dispatcher.prepare(tasks)
-        return kept
+        return dataclasses.replace(
+            batch, tasks=[t for t in batch.tasks if (t.topic, t.partition()) not in gone],
+            letters=kept(batch.letters), unsent=None if batch.unsent is None
+            else kept(batch.unsent), revision=self.assignment.revision,
+            offsets={k: v for k, v in batch.offsets.items() if k not in gone},
+            messages=self.dispatcher.without(batch.messages, gone))
 
     def publish(self, batch: Batch) -> None:
         """On the in-flight thread: dead letters, then tasks; raises DispatchError when
@@ -424,6 +427,8 @@ class Worker:
             self._refused_state(exc)
             if self._serve(lambda: False, delay, "broker", ""):
                 self.refused = None
+                if batch.revision != self.assignment.revision:
+                    batch = self._without_revoked(batch)
                 self.inflight.submit(batch, self.publish)
                 self._serve(lambda: self.inflight.wait(0), float("inf"), "broker", "")
                 self._collect()

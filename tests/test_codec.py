@@ -292,6 +292,40 @@ def test_redis_a_retry_after_a_partial_refusal_repeats_nothing_accepted(
             [t.task_id for t in tasks if t.topic == topic]
 
 
+@pytest.mark.stack
+@pytest.mark.parametrize("mode", ["each", "batch"])
+def test_redis_a_retry_drops_the_partitions_revoked_while_it_waited(
+        dispatchers: Factory, redis_client: redis.Redis, mode: str) -> None:
+    """A refused batch narrowed to one queue's LPUSH, then partition 1 revoked: the retry
+    sends that queue's tasks of partition 0 only, built again after their decoded records
+    were freed, as send_task writes them; the other queue's command is untouched."""
+    queues = ("ingestd-scores", "ingestd-archive")
+    routed, tasks = _routed(mode, queues)
+    tasks = [t._replace(task_id=t.task_id.replace("-0-", f"-{i % 4 // 2}-", 1),
+                        ids=t.ids and [x.replace("-0-", f"-{i % 4 // 2}-", 1) for x in t.ids])
+             for i, t in enumerate(tasks)]
+    d = dispatchers(mode=mode, **routed["config"])
+    d.publish(tasks[:2])
+    for queue in queues:
+        _drain(redis_client, queue)
+    redis_client.set(queues[1], b"not a list")
+    packed = d.prepare(tasks)
+    with pytest.raises(DispatchError, match="refused 1 of 2"):
+        d.send(packed)
+    assert len(_drain(redis_client, queues[0])) == len(tasks) // 2  # accepted, whole
+    redis_client.delete(queues[1])
+    for t in tasks:
+        t.objs.clear()  # as the worker frees them once the batch is built
+    kept = [t for t in tasks if t.topic == "pulse_events" and t.partition() == 0]
+    d.send(d.without(packed, {("pulse_events", 1), ("pulse_signals", 1)}))
+    assert _drain(redis_client, queues[0]) == []
+    ours = _drain(redis_client, queues[1])
+    assert [json.loads(m)["headers"]["id"] for m in ours] == [t.task_id for t in kept]
+    _send_task_as_routed(d, routed["routes"], [t.restored() for t in kept])
+    for mine, celery_s in zip(ours, _drain(redis_client, queues[1]), strict=True):
+        assert_same_envelope(mine, celery_s)
+
+
 def _send_task_as_routed(d: dispatch.Dispatcher, routes: dict[str, Any],
                          tasks: list[dispatch.Task]) -> None:
     app = d.app  # type: ignore[attr-defined]
@@ -745,7 +779,7 @@ def test_amqp_a_retry_after_a_partial_refusal_repeats_nothing_accepted(
         prepared = d.prepare(tasks)
         with pytest.raises(DispatchError, match="unroutable"):
             d.send(prepared)
-        assert [p[3]["correlation_id"] for p in prepared] == \
+        assert [p.properties["correlation_id"] for p in prepared] == \
             [t.task_id for t in tasks if t.topic == "pulse_events"]
         d.send(prepared)
         for queue, topic in zip(queues, routed["routes"], strict=True):

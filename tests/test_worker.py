@@ -455,3 +455,30 @@ def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
     worker.lost([TopicPartition("t", 1)])
     assert worker.carry == [] and worker.offsets.unconfirmed == {}
     worker.inflight.close()
+
+
+def test_a_refused_batch_retried_after_a_revoke_drops_the_revoked_partitions() -> None:
+    """Its records, its letters still to send and its offsets: the new owner consumes
+    them again from the committed offset. No connection: the AMQP dispatcher only builds."""
+    from types import SimpleNamespace
+
+    from ingestd import dispatch
+    from ingestd.config import Config
+    from ingestd.dlq import DeadLetter
+    from ingestd.worker import Batch, Worker
+
+    config = Config(topic=("t",), broker_url="amqp://127.0.0.1:1//")
+    worker = Worker.__new__(Worker)
+    worker.dispatcher = dispatch.create(config)
+    tasks = [dispatch.Task(f"t-{p}-{o}", "t", [b'{"a": 1}'], [{"a": 1}])
+             for p in (0, 1) for o in range(3)]
+    letters = [DeadLetter("t", p, 9, 0, None, b"x", "decode", "d") for p in (0, 1)]
+    batch = Batch(tasks=tasks, letters=letters, offsets={("t", 0): 10, ("t", 1): 10},
+                  messages=worker.dispatcher.prepare(tasks), unsent=letters[1:], revision=1)
+    worker.assignment = SimpleNamespace(owned={("t", 0)}, revision=2)  # type: ignore[assignment]
+    kept = worker._without_revoked(batch)
+    assert [m.task.task_id for m in kept.messages] == ["t-0-0", "t-0-1", "t-0-2"]
+    assert [t.task_id for t in kept.tasks] == ["t-0-0", "t-0-1", "t-0-2"]
+    assert kept.letters == letters[:1] and kept.unsent == []
+    assert kept.offsets == {("t", 0): 10} and kept.revision == 2
+    worker.dispatcher.close()
