@@ -181,6 +181,9 @@ def _bool(v: str) -> bool:
     raise ValueError(v)
 
 
+MIB = 1024 * 1024
+
+
 def setting(default: Any = None, **spec: Any) -> Any:
     """A dataclass field carrying its :class:`Spec`."""
     meta = {"spec": Spec(**spec)}
@@ -262,15 +265,21 @@ class Config:
              "record waits for others)")
     max_record_bytes: int = setting(
         1048576, parse=int, metavar="BYTES", check=_positive,
-        help="larger records are dead-lettered as too_large")
+        help="larger records (value, key and headers) are dead-lettered as too_large")
     max_record_items: int = setting(
         10_000, parse=int, metavar="N", check=_positive,
         help="records with more JSON items (containers plus their elements) are "
              "dead-lettered as too_large: memory per record stays bounded")
     max_batch_bytes: int = setting(
         2 * 1024 * 1024, parse=int, metavar="BYTES", check=_positive,
-        help="a consume batch ends once its records hold this many bytes: memory per "
-             "batch stays bounded whatever the records' size")
+        help="a consume batch ends once its records (values, keys and headers) hold this "
+             "many bytes: memory per batch stays bounded whatever the records' size")
+    max_task_bytes: int = setting(
+        0, parse=int, metavar="BYTES", check=_non_negative,
+        help="the largest task message the Celery broker takes; a record whose task is "
+             "larger is dead-lettered as too_large (in batch dispatch a task is split "
+             "first); 0: the broker's default, 16 MiB for AMQP (RabbitMQ 4's "
+             "max_message_size), 512 MiB for Redis (proto-max-bulk-len)")
     max_queue_depth: int = setting(
         0, parse=int, metavar="N", check=_non_negative,
         help="pause consuming while the Celery queue (with routes: their queues in all) holds "
@@ -328,6 +337,11 @@ class Config:
     @property
     def broker_is_redis(self) -> bool:
         return urlsplit(self.broker_url).scheme in ("redis", "rediss")
+
+    @property
+    def task_limit(self) -> int:
+        """``--max-task-bytes``, or the broker's default."""
+        return self.max_task_bytes or (512 * MIB if self.broker_is_redis else 16 * MIB)
 
 
 SETTINGS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Config)

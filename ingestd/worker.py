@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from ingestd import codec, dispatch, kafka, logs, rdkafka
@@ -48,7 +49,7 @@ from ingestd.offsets import Offsets
 from ingestd.quarantine import DETAIL as QUARANTINED
 from ingestd.quarantine import Holding, Quarantine, ranges_of
 from ingestd.ratelimit import RateLimit, batch_cap
-from ingestd.schema import INTERNAL, Validator
+from ingestd.schema import INTERNAL, TOO_LARGE, Validator
 
 log = logs.get("worker")
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
@@ -128,6 +129,7 @@ class Worker:
         self.dlq_error = ""  # the dead-letter topic refuses letters: why
         self.status = ""
         self.validator = validator(config)
+        self.task_bound = task_bound(config)
         self.dispatcher = dispatch.create(config)
         dlq_topic = config.dead_letter_topic
         self.dlq = (DeadLetterProducer(dlq_topic, {**kafka.producer_config(config),
@@ -356,7 +358,12 @@ class Worker:
 
     def build(self, batch: Batch) -> None:
         """The batch's messages. A record that cannot be built (any exception) becomes a
-        dead letter (``internal``) on its own; the others are built as usual."""
+        dead letter (``internal``) on its own; the others are built as usual. So does a
+        record whose task the broker would refuse as too large (:func:`fitting`)."""
+        if self.task_bound > self.config.task_limit:
+            batch.tasks, letters = fitting(self.dispatcher.task_size, self.config.task_limit,
+                                           batch.tasks, batch.records)
+            batch.letters += letters
         try:
             batch.messages = self.dispatcher.prepare(batch.tasks)
         except Exception:
@@ -754,12 +761,56 @@ def validator(config: Config) -> Validator:
                      typed=config.dispatch == "each" and codec.native is not None)
 
 
+def task_bound(config: Config) -> int:
+    """More than any task's message can take, given the record and batch limits: base64
+    takes 4/3 of the records' bytes, ``--with-metadata`` adds about as much again of
+    their keys and headers, and each message and record some fixed overhead. Within the
+    broker's limit (by default, always), tasks are never measured."""
+    records = config.max_record_bytes if config.dispatch == "each" else \
+        config.max_batch_bytes + config.max_record_bytes
+    return 2 * records + 256 * config.batch_size + 16384
+
+
+def fitting(size_of: Callable[[dispatch.Task], int], limit: int, tasks: list[dispatch.Task],
+            records: list[Message]) -> tuple[list[dispatch.Task], list[DeadLetter]]:
+    """``tasks`` with each whose message is over ``limit`` bytes split into smaller ones
+    (batch dispatch), and the dead letters (``too_large``) of records whose own task is
+    over it."""
+    by_offset = _by_offset(records)
+    kept: list[dispatch.Task] = []
+    letters: list[DeadLetter] = []
+
+    def fit(task: dispatch.Task) -> None:
+        quick = 2 * sum(map(len, task.raws)) + 256 * len(task.raws) + 16384
+        if task.meta is not None:
+            quick += 2 * len(orjson.dumps(task.meta))
+        size = 0 if quick <= limit else size_of(task)
+        if size <= limit:
+            kept.append(task)
+        elif len(task.raws) == 1:
+            rid = task.ids[0] if task.ids else task.task_id
+            letters.append(_letter_of(by_offset, task.topic, rid, TOO_LARGE,
+                                      f"its task message is {size} bytes > {limit} (the "
+                                      "Celery broker's limit, --max-task-bytes)"))
+        else:
+            assert task.ids is not None
+            half = len(task.raws) // 2
+            for part in (slice(0, half), slice(half, None)):
+                fit(dispatch.slice_task(task.topic, task.raws[part], task.objs[part],
+                                        task.ids[part],
+                                        None if task.meta is None else task.meta[part]))
+
+    for task in tasks:
+        fit(task)
+    return kept, letters
+
+
 def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatch.Task],
               records: list[Message]) -> tuple[list[dispatch.Task], list[DeadLetter]]:
     """``tasks`` less the records whose message fails to build, and their dead letters
     (``internal``, or the reason a :class:`RecordError` names). A batch task that fails
     is built again from the records that do build."""
-    by_offset = {(m.topic(), m.partition(), m.offset()): m for m in records}
+    by_offset = _by_offset(records)
     kept, letters = [], []
     for task in tasks:
         if _fails(prepare, task) is None:
@@ -775,11 +826,9 @@ def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatc
             if exc is None:
                 good.append(one)
                 continue
-            partition, offset = map(int, rid[len(task.topic) + 1:].split("-"))
             reason, detail = (exc.reason, exc.detail) if isinstance(exc, RecordError) \
                 else (INTERNAL, _describe(exc))
-            msg = by_offset[(task.topic, partition, offset)]
-            letters.append(_letter(msg, reason, detail, rdkafka.headers(msg)))
+            letters.append(_letter_of(by_offset, task.topic, rid, reason, detail))
         if task.ids is None:
             kept += good
         elif good:
@@ -789,6 +838,18 @@ def buildable(prepare: Callable[[list[dispatch.Task]], Any], tasks: list[dispatc
                                             None if task.meta is None else
                                             [t.meta[0] for t in good if t.meta]))
     return kept, letters
+
+
+def _by_offset(records: list[Message]) -> dict[tuple[str, int, int], Message]:
+    return {(m.topic(), m.partition(), m.offset()): m for m in records}  # type: ignore[misc]
+
+
+def _letter_of(by_offset: dict[tuple[str, int, int], Message], topic: str, record_id: str,
+               reason: str, detail: str) -> DeadLetter:
+    """The dead letter of the record whose id (``<topic>-<partition>-<offset>``) is given."""
+    partition, offset = map(int, record_id[len(topic) + 1:].split("-"))
+    msg = by_offset[(topic, partition, offset)]
+    return _letter(msg, reason, detail, rdkafka.headers(msg))
 
 
 def _fails(prepare: Callable[[list[dispatch.Task]], Any], task: dispatch.Task) -> Exception | None:

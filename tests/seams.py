@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from ingestd import dispatch
 from ingestd.config import Config
 from ingestd.quarantine import Quarantine
-from ingestd.worker import Worker, validator
+from ingestd.worker import Worker, task_bound, validator
 
 __all__ = ["Worker", "decoder"]
 
@@ -21,6 +21,7 @@ def decoder(config: Config, owned: set[tuple[str, int]],
     w = Worker.__new__(Worker)
     w.config = config
     w.validator = validator(config)
+    w.task_bound = task_bound(config)
     w.assignment = SimpleNamespace(revision=0, owned=owned)  # type: ignore[assignment]
     w.quarantine = Quarantine(())
     w.carry = []

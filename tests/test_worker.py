@@ -482,3 +482,31 @@ def test_a_refused_batch_retried_after_a_revoke_drops_the_revoked_partitions() -
     assert kept.letters == letters[:1] and kept.unsent == []
     assert kept.offsets == {("t", 0): 10} and kept.revision == 2
     worker.dispatcher.close()
+
+
+@pytest.mark.parametrize("mode", ["each", "batch"])
+def test_a_task_over_the_brokers_limit_is_split_or_dead_lettered(mode: str) -> None:
+    """--max-task-bytes 60,000: a 70 KB record is too_large on its own; in batch mode the
+    slice of the other records is split until each task fits."""
+    from confluent_kafka import Message
+
+    from ingestd import dispatch
+    from ingestd.config import Config
+    from tests import seams
+
+    config = Config(topic=("t",), broker_url="redis://127.0.0.1:1/0", dispatch=mode,
+                    max_task_bytes=60_000)
+    pipeline = seams.decoder(config, {("t", 0)}, dispatch.create(config))
+    values = [stack.signal_record(i, pad="x" * (70_000 if i == 3 else 9_000))
+              for i in range(8)]
+    records = [Message(topic="t", partition=0, offset=o, value=v, key=b"k%d" % o,
+                       timestamp=(1, 1)) for o, v in enumerate(values)]
+    batch = pipeline.decode(records)
+    pipeline.build(batch)
+    (letter,) = batch.letters
+    assert (letter.offset, letter.reason, letter.key) == (3, "too_large", b"k3")
+    assert letter.detail.endswith("> 60000 (the Celery broker's limit, --max-task-bytes)")
+    ids = [rid for t in batch.tasks for rid in (t.ids or [t.task_id])]
+    assert ids == [f"t-0-{o}" for o in range(8) if o != 3]
+    assert all(pipeline.dispatcher.task_size(t) <= 60_000 for t in batch.tasks)
+    assert len(batch.tasks) == (7 if mode == "each" else 3)  # batch: [0, 1] [2] [4-7]
