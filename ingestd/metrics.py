@@ -37,6 +37,9 @@ end_to_end_latency = Histogram(
 dlq_refused = Gauge("ingestd_dlq_refused",
                     "1 while a worker retries letters the dead-letter topic refused "
                     "(partitions paused)", multiprocess_mode="livesum")
+fetch_too_large = Gauge("ingestd_fetch_too_large",
+                        "1 while a worker cannot fetch a record larger than "
+                        "receive.message.max.bytes", multiprocess_mode="livesum")
 backpressure_paused = Gauge("ingestd_backpressure_paused",
                             "1 while a worker is paused because the Celery queue is full",
                             multiprocess_mode="livesum")

@@ -65,6 +65,10 @@ SLICE = 0.02  # a long wait serves Kafka and checks what it waits for this often
 COMMIT_POLL = 0.001
 COMMIT_AGAIN = 5.0  # while a commit is not confirmed, commit the stored offsets this often
 COMMIT_STATUS = "waiting for Kafka to confirm a commit"
+# librdkafka's error for a fetch response over receive.message.max.bytes; the status it
+# gives stands until the error has not come again for this long.
+TOO_LARGE_TO_FETCH = "Invalid response size"
+FETCH_ERROR_KEPT = 30.0
 REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accepted
 # A batch holds some 30,000 young objects (decoded records, tasks, messages) that live
 # until it is built. At Python's default gen-0 threshold (700) the cycle collector
@@ -127,6 +131,7 @@ class Worker:
         self.fatal: KafkaError | None = None
         self.broker_error = ""
         self.dlq_error = ""  # the dead-letter topic refuses letters: why
+        self.fetch_error, self.fetch_error_at = "", 0.0  # a record too large to fetch
         self.status = ""
         self.validator = validator(config)
         self.task_bound = task_bound(config)
@@ -635,8 +640,11 @@ class Worker:
 
     def _update_status(self) -> None:
         """The status line the supervisor reads for /readyz: ``ready`` or why not."""
-        if self.broker_error or self.dlq_error:
-            self.status = self.broker_error or self.dlq_error
+        if self.fetch_error and time.monotonic() - self.fetch_error_at > FETCH_ERROR_KEPT:
+            self.fetch_error = ""
+            self.metrics.fetch_too_large.set(0)
+        if self.broker_error or self.dlq_error or self.fetch_error:
+            self.status = self.broker_error or self.dlq_error or self.fetch_error
         elif self.waiting:
             self.status = self.waiting
         elif not self.assignment.joined:
@@ -683,8 +691,17 @@ class Worker:
     def _on_kafka_error(self, err: KafkaError) -> None:
         if _fatal(err):
             self.fatal = err
-        else:
-            self.kafka_log.warning("%s (librdkafka retries)", err.str())
+            return
+        self.kafka_log.warning("%s (librdkafka retries)", err.str())
+        if err.code() == KafkaError._BAD_MSG and TOO_LARGE_TO_FETCH in err.str():
+            # A record larger than the consumer takes: no fetch from that broker can
+            # succeed, and librdkafka retries forever. Say so, and what to raise.
+            self.fetch_error = (
+                "a record too large to fetch stops consuming from a broker: raise -X "
+                f"receive.message.max.bytes (and -X fetch.max.bytes below it): {err.str()}"
+            )[:300]
+            self.fetch_error_at = time.monotonic()
+            self.metrics.fetch_too_large.set(1)
 
     def _on_message_error(self, err: KafkaError) -> None:
         if _fatal(err):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ import redis
 from confluent_kafka import KafkaException
 
 from tests import stack
+from tests.harness import PARTITIONS, PrivateService, Run
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +116,65 @@ def private_redis_factory(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis
 def private_redis(private_redis_factory: Callable[..., PrivateRedis]) -> PrivateRedis:
     """A Redis of this test's own that it can stop and start, keeping its data."""
     return private_redis_factory()
+
+
+# --- the fault and hostile-input scenarios (tests/harness.py) ---------------------------
+
+
+@pytest.fixture
+def make_run(topic_factory: Callable[..., str], redis_db: int) -> Iterator[Callable[..., Run]]:
+    """Builds the scenario's run, with a real ``celery worker`` on its Celery broker (by
+    default this test's Redis database; results always go there) unless ``celery`` is
+    False (the test starts it later). Its ingestd processes, any worker they left behind,
+    and the celery worker are stopped at the end."""
+    with contextlib.ExitStack() as cleanup:
+        def make(broker_url: str | None = None, bootstrap: str = stack.BOOTSTRAP,
+                 celery: bool = True, topic_config: dict[str, str] | None = None,
+                 create_dlq: bool = True) -> Run:
+            """``topic_config``: the source topic's settings; ``create_dlq`` False names a
+            dead-letter topic that does not exist."""
+            results = stack.redis_url(redis_db)
+            dlq = stack.group().replace("g-", "dlq-")
+            if bootstrap == stack.BOOTSTRAP:
+                topic = topic_factory(PARTITIONS, config=topic_config)
+                if create_dlq:
+                    topic_factory(1, name=dlq)
+            else:  # a private broker: its topics go with it
+                topic = stack.create_topic(PARTITIONS, bootstrap=bootstrap, config=topic_config)
+                if create_dlq:
+                    stack.create_topic(1, bootstrap=bootstrap, name=dlq)
+            run = Run(topic, dlq, stack.group(), broker_url or results, results, bootstrap)
+            cleanup.callback(run.close)
+            if celery:
+                run.start_celery()
+            return run
+
+        yield make
+
+
+@pytest.fixture
+def run(make_run: Callable[..., Run]) -> Run:
+    return make_run()
+
+
+@pytest.fixture
+def private_kafka() -> Iterator[PrivateService]:
+    """A Kafka broker of this test's own (scripts/stack up kafka), that it may SIGKILL."""
+    kafka = PrivateService("kafka", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT")
+    try:
+        kafka.up()
+        yield kafka
+    finally:
+        stack.forget_admin(kafka.address)
+        kafka.remove()
+
+
+@pytest.fixture
+def private_rabbitmq() -> Iterator[PrivateService]:
+    """A RabbitMQ of this test's own (scripts/stack up rabbitmq), that it may restart."""
+    rabbitmq = PrivateService("rabbitmq", "RABBITMQ_PORT", "RABBITMQ_DIST_PORT")
+    try:
+        rabbitmq.up()
+        yield rabbitmq
+    finally:
+        rabbitmq.remove()

@@ -26,7 +26,7 @@ import redis
 
 from tests import stack
 from tests.conftest import PrivateRedis
-from tests.faults.harness import PrivateService, Run
+from tests.harness import PrivateService, Run
 
 pytestmark = pytest.mark.stack
 

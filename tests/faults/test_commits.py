@@ -24,7 +24,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from ingestd.worker import COMMIT_STATUS
 from tests import stack
-from tests.faults.harness import BATCH, PrivateService, Run
+from tests.harness import BATCH, PrivateService, Run
 
 pytestmark = pytest.mark.stack
 

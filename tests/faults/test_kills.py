@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from tests import stack
-from tests.faults.harness import BATCH, PrivateService, Run
+from tests.harness import BATCH, PrivateService, Run
 
 pytestmark = pytest.mark.stack
 

@@ -16,7 +16,7 @@ import signal
 import pytest
 
 from tests import stack
-from tests.faults.harness import BATCH, Run
+from tests.harness import BATCH, Run
 
 pytestmark = pytest.mark.stack
 

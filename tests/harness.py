@@ -13,13 +13,15 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import redis
 from confluent_kafka import KafkaException
 
-from ingestd import checker, reference_tasks
+from ingestd import checker, rdkafka, reference_tasks
 from tests import stack
 
 PARTITIONS = 4
@@ -29,6 +31,16 @@ POISON = (b"not json {", b'[{"name": "n", "value": 1}]',
           b'{"name": "n", "value": 1, "source": "s"}')
 POISON_EVERY = 50
 QUIET = 3.0  # seconds without a new execution before a settled run is judged
+
+
+class Produced(NamedTuple):
+    """A record to produce with any bytes, and whether it is valid (executed by Celery)
+    or poison (dead-lettered)."""
+
+    value: bytes | None
+    key: bytes | None = None
+    headers: list[rdkafka.HeaderIn] | None = None
+    valid: bool = True
 
 
 def record(i: int) -> tuple[bytes, bool]:
@@ -60,6 +72,42 @@ class Load:
                       bootstrap=self.bootstrap, delivered=delivered)
         for index, partition, offset in delivered:
             self.produced[(self.topic, partition, offset)] = values[index][1]
+
+    def produce_any(self, records: Sequence[Produced], props: dict[str, Any] | None = None,
+                    partitions: int = PARTITIONS) -> list[tuple[int, int]]:
+        """Records of any bytes (keys, header names and values), through librdkafka's C API
+        (:mod:`ingestd.rdkafka`), round the partitions; each one's partition and offset,
+        from its delivery report."""
+        producer = rdkafka.Producer({"bootstrap.servers": self.bootstrap, "acks": "all",
+                                     "enable.idempotence": True, "linger.ms": 5,
+                                     **(props or {})})
+        errors: list[Any] = []
+        where: list[tuple[int, int]] = [(-1, -1)] * len(records)
+
+        def reporter(i: int, valid: bool) -> Callable[[Any, rdkafka.Delivery], None]:
+            def report(err: Any, delivery: rdkafka.Delivery) -> None:
+                if err is not None:
+                    errors.append(err)
+                else:
+                    self.produced[(self.topic, delivery.partition(), delivery.offset())] = valid
+                    where[i] = (delivery.partition(), delivery.offset())
+            return report
+
+        for i, record in enumerate(records):
+            while True:
+                try:
+                    producer.produce(self.topic, value=record.value, key=record.key,
+                                     headers=record.headers, partition=i % partitions,
+                                     on_delivery=reporter(i, record.valid))
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            producer.poll(0)
+        assert producer.flush(60) == 0, "producer did not flush"
+        producer.close()
+        assert not errors, errors
+        self.count += len(records)
+        return where
 
     def start(self, n: int, seconds: float) -> Load:
         """Produce ``n`` records over about ``seconds``, in the background."""
@@ -283,14 +331,16 @@ class PrivateService:
     """One service of ``scripts/stack`` on its own ports and folder, beside the shared stack,
     so that a test can kill and restart it."""
 
-    def __init__(self, service: str, port_variable: str, second_port_variable: str) -> None:
+    def __init__(self, service: str, port_variable: str, second_port_variable: str,
+                 **env: str) -> None:
         self.service = service
         self.port = stack.free_port()
         # Not under pytest's tmp_path (mode 0700): RabbitMQ runs as its own user.
         self.directory = Path(tempfile.mkdtemp(prefix=f"ingestd-{service}-"))
         self.directory.chmod(0o755)
         self.env = {**os.environ, "INGESTD_STACK_DIR": str(self.directory),
-                    port_variable: str(self.port), second_port_variable: str(stack.free_port())}
+                    port_variable: str(self.port), second_port_variable: str(stack.free_port()),
+                    **env}
 
     def _stack(self, *args: str) -> None:
         done = subprocess.run([str(stack.REPO / "scripts" / "stack"), *args], env=self.env,
