@@ -103,8 +103,10 @@ TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     ([("traceparent", b"00-\n")], None),  # not printable
     ([("traceparent", b"0" * 513)], None),  # longer than W3C allows
     ([("other", b"x")], None),
+    ([(b"\xfftraceparent", b"x"), ("traceparent", TP.encode())], {"traceparent": TP}),
+    ([(b"traceparent", TP.encode())], None),  # bytes: a name that was not UTF-8
 ])
-def test_trace_context_from_record_headers(headers: list[tuple[str, bytes | None]],
+def test_trace_context_from_record_headers(headers: list[tuple[str | bytes, bytes | None]],
                                            expected: dict[str, str] | None) -> None:
     assert trace_context(headers) == expected  # type: ignore[arg-type]
 
