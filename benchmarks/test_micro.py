@@ -463,6 +463,7 @@ HOSTILE: dict[str, bytes] = {
 @pytest.mark.parametrize("mode", ["each", "batch"])
 def test_hostile_shapes(benchmark: Benchmark, config: Config, shape: str, mode: str) -> None:
     """A worker's decode and build of one costly record of about 1 MB."""
+    _records(benchmark, 1)
     benchmark.extra_info["bytes"] = len(HOSTILE[shape])
     cfg = Config(broker_url=config.broker_url, queue=config.queue, dispatch=mode,
                  max_record_bytes=2 * MB)
@@ -480,4 +481,5 @@ def test_hostile_shapes(benchmark: Benchmark, config: Config, shape: str, mode: 
         batch = benchmark(run)
     finally:
         d.close()
+    _per_record(benchmark)
     assert len(batch.tasks) + len(batch.letters) == 1

@@ -1,7 +1,8 @@
 /* ingestd's hot path in C: each-mode task envelopes, and Celery's argsrepr for a task
  * whose one argument is a JSON record, from the record's bytes, without building the
- * Python objects. ingestd runs without this module (ingestd/codec.py has the same in
- * Python); tests/test_codec.py proves both give what send_task writes.
+ * Python objects; and each record's headers. ingestd runs without this module
+ * (ingestd/codec.py and ingestd/rdkafka.py have the same in Python); tests/test_codec.py
+ * proves both give what send_task writes.
  *
  * argsrepr(raw, maxsize) returns the JSON string literal (quotes included) of
  * saferepr([json.loads(raw)], maxsize), or None when it does not know the answer
@@ -17,6 +18,8 @@
  * what that prints (canonical()).
  *
  * encode_each(...): see its docstring below.
+ *
+ * record_headers(msg): a consumed record's headers, read safely; see its comment below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

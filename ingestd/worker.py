@@ -69,6 +69,9 @@ COMMIT_STATUS = "waiting for Kafka to confirm a commit"
 # gives stands until the error has not come again for this long.
 TOO_LARGE_TO_FETCH = "Invalid response size"
 FETCH_ERROR_KEPT = 30.0
+# A task message's bytes besides its records' (base64 and kwargs aside): the envelope,
+# the headers with argsrepr and kwargsrepr; and a batch task's per record (its id).
+MESSAGE_OVERHEAD, RECORD_OVERHEAD = 16384, 64
 REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accepted
 # A batch holds some 30,000 young objects (decoded records, tasks, messages) that live
 # until it is built. At Python's default gen-0 threshold (700) the cycle collector
@@ -785,7 +788,8 @@ def task_bound(config: Config) -> int:
     broker's limit (by default, always), tasks are never measured."""
     records = config.max_record_bytes if config.dispatch == "each" else \
         config.max_batch_bytes + config.max_record_bytes
-    return 2 * records + 256 * config.batch_size + 16384
+    per_record = RECORD_OVERHEAD + max(map(len, config.topic))
+    return 2 * records + per_record * config.batch_size + MESSAGE_OVERHEAD
 
 
 def fitting(size_of: Callable[[dispatch.Task], int], limit: int, tasks: list[dispatch.Task],
@@ -798,7 +802,8 @@ def fitting(size_of: Callable[[dispatch.Task], int], limit: int, tasks: list[dis
     letters: list[DeadLetter] = []
 
     def fit(task: dispatch.Task) -> None:
-        quick = 2 * sum(map(len, task.raws)) + 256 * len(task.raws) + 16384
+        quick = (2 * sum(map(len, task.raws)) + MESSAGE_OVERHEAD
+                 + (RECORD_OVERHEAD + len(task.topic)) * len(task.raws))
         if task.meta is not None:
             quick += 2 * len(orjson.dumps(task.meta))
         size = 0 if quick <= limit else size_of(task)

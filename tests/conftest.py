@@ -12,7 +12,7 @@ import redis
 from confluent_kafka import KafkaException
 
 from tests import stack
-from tests.harness import PARTITIONS, PrivateService, Run
+from tests.harness import PARTITIONS, PrivateService, Run, private_service
 
 
 @pytest.fixture(scope="session")
@@ -160,21 +160,12 @@ def run(make_run: Callable[..., Run]) -> Run:
 @pytest.fixture
 def private_kafka() -> Iterator[PrivateService]:
     """A Kafka broker of this test's own (scripts/stack up kafka), that it may SIGKILL."""
-    kafka = PrivateService("kafka", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT")
-    try:
-        kafka.up()
+    with private_service("kafka") as kafka:
         yield kafka
-    finally:
-        stack.forget_admin(kafka.address)
-        kafka.remove()
 
 
 @pytest.fixture
 def private_rabbitmq() -> Iterator[PrivateService]:
     """A RabbitMQ of this test's own (scripts/stack up rabbitmq), that it may restart."""
-    rabbitmq = PrivateService("rabbitmq", "RABBITMQ_PORT", "RABBITMQ_DIST_PORT")
-    try:
-        rabbitmq.up()
+    with private_service("rabbitmq") as rabbitmq:
         yield rabbitmq
-    finally:
-        rabbitmq.remove()

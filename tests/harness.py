@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -371,3 +371,21 @@ class PrivateService:
             self.down()
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+PORTS = {"kafka": ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT"),
+         "rabbitmq": ("RABBITMQ_PORT", "RABBITMQ_DIST_PORT")}
+
+
+@contextlib.contextmanager
+def private_service(service: str, **env: str) -> Iterator[PrivateService]:
+    """A service of ``scripts/stack`` of the caller's own, up until the block ends; ``env``
+    configures it (``KAFKA_AUTO_CREATE_TOPICS``, say)."""
+    private = PrivateService(service, *PORTS[service], **env)
+    try:
+        private.up()
+        yield private
+    finally:
+        if service == "kafka":
+            stack.forget_admin(private.address)
+        private.remove()

@@ -268,6 +268,21 @@ def _routed(mode: str, queues: tuple[str, str]) -> tuple[dict[str, Any], list[di
     return {"routes": routes, "config": config}, tasks
 
 
+def _refused_by_the_second_queue(d: dispatch.RedisDispatcher, redis_client: redis.Redis,
+                                 queues: tuple[str, str],
+                                 tasks: list[dispatch.Task]) -> dispatch.Packed:
+    """The tasks sent while the second queue's key is not a list: Redis takes the first
+    queue's LPUSH and refuses the second's; the batch is narrowed to that one."""
+    d.publish(tasks[:2])  # connected, both queues declared
+    for queue in queues:
+        _drain(redis_client, queue)
+    redis_client.set(queues[1], b"not a list")
+    packed = d.prepare(tasks)
+    with pytest.raises(DispatchError, match="refused 1 of 2"):
+        d.send(packed)
+    return packed
+
+
 @pytest.mark.stack
 def test_redis_a_retry_after_a_partial_refusal_repeats_nothing_accepted(
         dispatchers: Factory, redis_client: redis.Redis) -> None:
@@ -277,13 +292,7 @@ def test_redis_a_retry_after_a_partial_refusal_repeats_nothing_accepted(
     queues = ("ingestd-scores", "ingestd-archive")
     routed, tasks = _routed("each", queues)
     d = dispatchers(**routed["config"])
-    d.publish(tasks[:2])  # connected, both queues declared
-    for queue in queues:
-        _drain(redis_client, queue)
-    redis_client.set(queues[1], b"not a list")
-    packed = d.prepare(tasks)
-    with pytest.raises(DispatchError, match="refused 1 of 2"):
-        d.send(packed)
+    packed = _refused_by_the_second_queue(d, redis_client, queues, tasks)
     assert packed.replies == 1 and not packed.data.startswith(dispatch.MULTI)
     redis_client.delete(queues[1])
     d.send(packed)
@@ -305,13 +314,7 @@ def test_redis_a_retry_drops_the_partitions_revoked_while_it_waited(
                         ids=t.ids and [x.replace("-0-", f"-{i % 4 // 2}-", 1) for x in t.ids])
              for i, t in enumerate(tasks)]
     d = dispatchers(mode=mode, **routed["config"])
-    d.publish(tasks[:2])
-    for queue in queues:
-        _drain(redis_client, queue)
-    redis_client.set(queues[1], b"not a list")
-    packed = d.prepare(tasks)
-    with pytest.raises(DispatchError, match="refused 1 of 2"):
-        d.send(packed)
+    packed = _refused_by_the_second_queue(d, redis_client, queues, tasks)
     assert len(_drain(redis_client, queues[0])) == len(tasks) // 2  # accepted, whole
     redis_client.delete(queues[1])
     for t in tasks:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from benchmarks import measure
-from ingestd import dlq
+from ingestd import codec, dlq
 from tests import stack
 from tests.test_worker import wait_queue
 
@@ -146,11 +146,13 @@ def test_pathological_records_keep_memory_bounded(topic_factory: Callable[..., s
     assert peak < 250, peak
 
 
-@pytest.mark.parametrize(("poison_name", "death"), [("kill", "signal SIGKILL"),
-                                                    ("spin", "stuck for")])
+@pytest.mark.parametrize(("poison_name", "death", "extra"), [
+    ("kill", "signal SIGKILL", ()),
+    ("kill", "signal SIGKILL", ("--dispatch", "batch", "--with-metadata")),
+    ("spin", "stuck for", ())])
 def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
         topic_factory: Callable[..., str], broker_url: str, poison_name: str,
-        death: str) -> None:
+        death: str, extra: tuple[str, ...]) -> None:
     """A record in the middle of a full batch SIGKILLs its worker
     (``tests.poison:Killing``), as the OOM killer would, or makes it spin
     (``tests.poison:Spinning``) until the supervisor kills it as stuck: nothing ingestd
@@ -166,7 +168,7 @@ def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
     g = stack.group()
     schema = "tests.poison:" + ("Killing" if poison_name == "kill" else "Spinning")
     args = stack.ingestd_args(topic, g, broker_url, "--schema", schema, "--worker-timeout", "3",
-                              "--batch-size", str(n))
+                              "--batch-size", str(n), *extra)
     with stack.Ingestd(*args) as ingestd:
         assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 1) == {0: n}, 120), \
             ingestd.output()[-3000:]
@@ -175,8 +177,9 @@ def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
     out = ingestd.output()
     assert out.count(death) == 2, out[-3000:]
     assert f"died twice while it held {topic} partition 0 offsets {poison}-{poison}:" in out
-    tasks = {t["id"] for t in stack.queued_tasks(broker_url)}
-    assert tasks == {f"{topic}-0-{i}" for i in range(n) if i != poison}
+    tasks = [rid for t in stack.queued_tasks(broker_url)
+             for rid in t.get(codec.RECORD_IDS) or [t["id"]]]
+    assert sorted(tasks) == sorted(f"{topic}-0-{i}" for i in range(n) if i != poison)
     (letter,) = stack.consume_all(f"{topic}.dlq", 1, timeout=30)
     stack.delete_topic(f"{topic}.dlq")
     assert headers_of(letter)[dlq.OFFSET] == str(poison)

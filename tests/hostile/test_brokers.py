@@ -17,21 +17,17 @@ import pytest
 
 from ingestd.worker import TOO_LARGE_TO_FETCH
 from tests import stack
-from tests.harness import PrivateService, Produced, Run
+from tests.harness import PrivateService, Produced, Run, private_service
 
 pytestmark = pytest.mark.stack
+MODES = pytest.mark.parametrize("mode", [("each",), ("each", "--with-metadata"), ("batch",),
+                                         ("batch", "--with-metadata")], ids=" ".join)
 
 
 @pytest.fixture(scope="module")
 def strict_kafka() -> Iterator[PrivateService]:
-    kafka = PrivateService("kafka", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT",
-                           KAFKA_AUTO_CREATE_TOPICS="false")
-    try:
-        kafka.up()
+    with private_service("kafka", KAFKA_AUTO_CREATE_TOPICS="false") as kafka:
         yield kafka
-    finally:
-        stack.forget_admin(kafka.address)
-        kafka.remove()
 
 
 def _readyz(port: int) -> tuple[int, dict[str, str]]:
@@ -52,8 +48,9 @@ def _check(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(600)
+@MODES
 def test_a_refused_dead_letter_topic_is_an_outage_not_a_crash(
-        strict_kafka: PrivateService, make_run: Callable[..., Run]) -> None:
+        strict_kafka: PrivateService, make_run: Callable[..., Run], mode: tuple[str, ...]) -> None:
     """The dead-letter topic does not exist, and the broker will not create it: --check
     says so and fails; the workers pause, say why on /readyz and in a metric, and keep
     retrying without dying; once the topic exists, everything goes through."""
@@ -65,7 +62,7 @@ def test_a_refused_dead_letter_topic_is_an_outage_not_a_crash(
            "(auto.create.topics.enable=false)" in checked.stdout
     run.load.produce(2000)
     port = stack.free_port()
-    ingestd = run.ingestd("--metrics-addr", f"127.0.0.1:{port}",
+    ingestd = run.ingestd("--metrics-addr", f"127.0.0.1:{port}", "--dispatch", *mode,
                           "-X", "topic.metadata.propagation.max.ms=1000",
                           "--retry-max-backoff", "2", workers=2)
 
@@ -86,8 +83,9 @@ def test_a_refused_dead_letter_topic_is_an_outage_not_a_crash(
 
 
 @pytest.mark.timeout(600)
+@MODES
 def test_a_record_too_large_to_fetch_is_named_and_the_setting_to_raise(
-        strict_kafka: PrivateService, make_run: Callable[..., Run]) -> None:
+        strict_kafka: PrivateService, make_run: Callable[..., Run], mode: tuple[str, ...]) -> None:
     """A 2 MB record on a topic that takes 3 MB, a consumer that takes 1.1 MB: no fetch from
     the broker succeeds. /readyz and ingestd_fetch_too_large say so and name
     receive.message.max.bytes; with it raised, the record is dead-lettered as too large
@@ -110,7 +108,7 @@ def test_a_record_too_large_to_fetch_is_named_and_the_setting_to_raise(
     assert _metric(port, "fetch_too_large") == 1
     assert run.stop(small) == 0
     again = run.ingestd("-X", "fetch.max.bytes=4000000", "-X", "receive.message.max.bytes=5000000",
-                        workers=1)
+                        "--dispatch", *mode, workers=1)
     settled = run.settle(timeout=180)
     code = run.stop(again)
     run.verify()
