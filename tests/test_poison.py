@@ -179,7 +179,9 @@ def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
     assert f"died twice while it held {topic} partition 0 offsets {poison}-{poison}:" in out
     tasks = [rid for t in stack.queued_tasks(broker_url)
              for rid in t.get(codec.RECORD_IDS) or [t["id"]]]
-    assert sorted(tasks) == sorted(f"{topic}-0-{i}" for i in range(n) if i != poison)
+    assert set(tasks) == {f"{topic}-0-{i}" for i in range(n) if i != poison}
+    # The killed worker's last batch may have gone out uncommitted: one record, taken alone.
+    assert len(tasks) - len(set(tasks)) <= 1
     (letter,) = stack.consume_all(f"{topic}.dlq", 1, timeout=30)
     stack.delete_topic(f"{topic}.dlq")
     assert headers_of(letter)[dlq.OFFSET] == str(poison)
