@@ -58,3 +58,16 @@ def test_starting_at_the_end_warns(caplog: pytest.LogCaptureFixture) -> None:
     sup.exit_code = 0
     sup.run()
     assert "--offset-reset latest" in caplog.text and "skipped" in caplog.text
+
+
+def test_the_supervisor_imports_neither_librdkafka_nor_celery() -> None:
+    """librdkafka is not fork-safe: a worker builds its clients after fork."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ingestd.cli, ingestd.supervisor, ingestd.http; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('confluent_kafka', 'celery', 'kombu')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
