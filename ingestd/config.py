@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -38,6 +39,7 @@ class Spec:
     repeatable: bool = False
     short: str | None = None
     table: bool = False  # in TOML, a table of KEY = "VALUE" as well as a list of "KEY=VALUE"
+    merged: bool = False  # KEY=VALUE items: file, environment and flags merge key by key
     check: Callable[[Any], str | None] | None = None  # returns what was expected, or None
     default_doc: str | None = None
 
@@ -301,7 +303,9 @@ class Config:
         help="cap of the exponential backoff while the Celery broker is unreachable")
     kafka_property: tuple[str, ...] = setting(
         (), short="-X", metavar="KEY=VALUE", repeatable=True, check=_kafka_property,
-        help="any librdkafka consumer property (repeatable)")
+        merged=True,
+        help="any librdkafka property (repeatable); the file's, the environment's and the "
+             "flags' merge key by key, the later winning")
     log_format: str = setting("text", choices=("text", "json"), help="log format")
     log_level: str = setting(
         "INFO", parse=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
@@ -402,8 +406,10 @@ def sensitive(key: str) -> bool:
 
 
 def redact_property(prop: str) -> str:
+    """A ``KEY=VALUE`` property as it may be shown: the value hidden where the key is
+    sensitive, and any URL's password in it anyway."""
     key = prop.partition("=")[0]
-    return f"{key}={REDACTED}" if sensitive(key) else prop
+    return f"{key}={REDACTED}" if sensitive(key) else redact(prop)
 
 
 def redact_values(text: str, props: Mapping[str, Any]) -> str:
@@ -472,9 +478,20 @@ def build_parser(prog: str = "ingestd", description: str = "Move signals from Ka
     return p
 
 
-def _split_list(name: str, raw: str) -> list[str]:
-    """An environment list: comma-separated; a librdkafka property's own value may hold
-    commas (``debug=consumer,cgrp``), so those split only before the next ``key=``."""
+def _split_list(name: str, raw: str, origin: str) -> list[str]:
+    """An environment list: a JSON array of strings, which can hold any text; or
+    comma-separated, where a librdkafka property's own value may hold commas
+    (``debug=consumer,cgrp``), so those split only before the next ``key=``."""
+    if raw.lstrip().startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name.replace('_', '-')} (from {origin}): not a JSON array: "
+                              f"{exc.msg} at character {exc.pos}") from None
+        if not isinstance(items, list):
+            raise ConfigError(f"{name.replace('_', '-')} (from {origin}): expected a JSON "
+                              "array of strings")
+        return items
     pattern = r",(?=\s*[^,=\s]+=)" if name == "kafka_property" else ","
     return [item.strip() for item in re.split(pattern, raw) if item.strip()]
 
@@ -491,7 +508,7 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, origin: str, *,
     text = not from_file
     if spec.repeatable:
         if isinstance(raw, str) and text:
-            raw = _split_list(f.name, raw)
+            raw = _split_list(f.name, raw, origin)
         if spec.table and isinstance(raw, dict) and from_file:
             for key, inner in raw.items():
                 if isinstance(inner, dict):  # TOML reads a bare a.b = "x" as a.{b = "x"}
@@ -583,7 +600,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     sources: dict[str, str] = {}
     for f in SETTINGS:
         spec = spec_of(f)
-        if f.name in args:
+        if spec.merged:
+            values[f.name], sources[f.name] = _merged(f, args, env, file_values,
+                                                      str(config_file))
+        elif f.name in args:
             values[f.name] = _coerce(f, args[f.name], "flag")
             sources[f.name] = "flag"
         elif env_of(f) in env:
@@ -605,6 +625,25 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     names = {f.name for f in SETTINGS}
     options = {k: v for k, v in args.items() if k not in names}
     return Loaded(config, sources, check, config_file, options)
+
+
+def _merged(f: dataclasses.Field[Any], args: Mapping[str, Any], env: Mapping[str, str],
+            file_values: Mapping[str, Any], config_file: str) -> tuple[tuple[str, ...], str]:
+    """A ``KEY=VALUE`` list from the file, then the environment, then the flags, merged key
+    by key: a later one's value for a key replaces an earlier one's, in its place. The
+    source names every place that gave one."""
+    merged: dict[str, str] = {}
+    used = []
+    for source, present, raw, origin, from_file in (
+            ("file", f.name in file_values, file_values.get(f.name), config_file, True),
+            ("env", env_of(f) in env, env.get(env_of(f)), env_of(f), False),
+            ("flag", f.name in args, args.get(f.name), "flag", False)):
+        if present:
+            used.append(source)
+            for item in _coerce(f, raw, origin, from_file=from_file):
+                key, _, value = item.partition("=")
+                merged[key.strip()] = value
+    return tuple(f"{k}={v}" for k, v in merged.items()), "+".join(used) or "default"
 
 
 def _check_routes(config: Config, origin: str) -> None:

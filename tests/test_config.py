@@ -110,8 +110,6 @@ LAYERED = [
       "redis://localhost:6379/0"]),
     ("workers", ["--workers", "3"], "5", 7, None, None, [3, 5, 7, None, None]),
     ("drain_timeout", ["--drain-timeout", "1.5"], "2", 3, None, None, [1.5, 2.0, 3.0, None, 30.0]),
-    ("kafka_property", ["-X", "a=flag"], "a=env,b=env", ["a=file"], None, None,
-     [("a=flag",), ("a=env", "b=env"), ("a=file",), None, ()]),
 ]
 
 
@@ -201,6 +199,39 @@ def test_log_level_is_case_insensitive_as_a_flag() -> None:
 def test_kafka_property_values_with_commas_from_env() -> None:
     c = load(environ={"INGESTD_KAFKA_PROPERTY": "debug=consumer,cgrp,fetch,client.id=x"}).config
     assert c.kafka_properties == {"debug": "consumer,cgrp,fetch", "client.id": "x"}
+
+
+def test_an_environment_list_as_a_json_array_holds_any_text() -> None:
+    env = {"INGESTD_KAFKA_PROPERTY": '["sasl.oauthbearer.extensions=a=1,b=2", '
+                                     '"sasl.password=p,X=q"]',
+           "INGESTD_TOPIC": '["a", "b"]'}
+    loaded = load([], env)
+    assert loaded.config.kafka_properties == {"sasl.oauthbearer.extensions": "a=1,b=2",
+                                              "sasl.password": "p,X=q"}
+    assert loaded.config.topic == ("a", "b")
+    with pytest.raises(ConfigError, match=r"kafka-property \(from INGESTD_KAFKA_PROPERTY\): "
+                                          "not a JSON array"):
+        load([], {"INGESTD_KAFKA_PROPERTY": '["a=1",'})
+    with pytest.raises(ConfigError, match="expected a list of strings, got a int in it"):
+        load([], {"INGESTD_KAFKA_PROPERTY": "[1]"})
+
+
+def test_kafka_properties_merge_key_by_key_file_then_env_then_flags(toml: TomlWriter) -> None:
+    """The README's secrets-in-ingestd.env pattern: the file's tuning stays."""
+    path = toml(kafka_property=["a=file", "fetch.max.bytes=1000"])
+    loaded = load(["--config", path, "-X", "a=flag"],
+                  {"INGESTD_KAFKA_PROPERTY": "a=env,sasl.password=s3cret"})
+    assert loaded.config.kafka_property == ("a=flag", "fetch.max.bytes=1000",
+                                            "sasl.password=s3cret")
+    assert loaded.sources["kafka_property"] == "file+env+flag"
+    assert load(["--config", path]).sources["kafka_property"] == "file"
+    assert load([]).sources["kafka_property"] == "default"
+
+
+def test_a_url_password_inside_any_kafka_property_is_hidden() -> None:
+    loaded = load(["-X", "sasl.oauthbearer.token.endpoint.url=https://cid:s3cret@idp/token"])
+    text = "\n".join(config.describe(loaded)) + config.summary(loaded.config)
+    assert "s3cret" not in text and "https://cid:***@idp/token" in text
 
 
 # --- bad configuration: ConfigError naming the setting and the bad value ----------
