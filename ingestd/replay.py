@@ -8,7 +8,8 @@ by the source coordinates in its headers) is checked against the current ``--sch
 and record limits, unless ``--all``; one that passes is produced, with its original
 key, value and headers, to its source topic (or ``--to``), by an idempotent producer,
 with ``ingestd.replay.count`` one higher. A letter replayed ``--max-replays`` times
-already is skipped, so nothing loops forever.
+already is skipped, so nothing loops forever. The source topic a letter names must be
+a ``--topic``: anyone who can write to the dead-letter topic could name any other.
 
 A batch's offsets are committed only after Kafka acknowledged every record
 produced from it: a stop (TERM, INT, HUP) finishes the batch, commits and exits, and
@@ -49,6 +50,7 @@ STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PROGRESS_INTERVAL = 1.0
 # Why a selected letter was not replayed, besides being still invalid.
 LIMIT, OMITTED, NO_SOURCE = "at the replay limit", "without its value", "without a source topic"
+FOREIGN = "naming a topic that is not a --topic (give --to to send it anyway)"
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 
@@ -194,6 +196,7 @@ class Replay:
         if options.to == self.topic:
             raise ConfigError(f"to: {options.to!r} is the dead-letter topic replay reads")
         self.options = options
+        self.sources = frozenset(config.topic)  # where a letter may send its record back
         self.group = group_of(self.topic)
         self.validator = None if options.replay_all else Validator(
             config.schema, config.max_record_bytes, config.max_record_items)
@@ -282,6 +285,9 @@ class Replay:
             return
         if not target:
             self.counts.skipped[NO_SOURCE] += 1
+            return
+        if not options.to and target not in self.sources:  # anyone may write a letter
+            self.counts.skipped[FOREIGN] += 1
             return
         value = msg.value()
         if self.validator is not None:

@@ -254,3 +254,22 @@ def test_summary_line() -> None:
     counts.skipped.update({"at the replay limit": 2})
     assert counts.summary() == ("replay: selected 9, replayed 4, still invalid 3 (decode 1, "
                                 "schema 2), skipped 2")
+
+
+def test_a_letter_naming_a_topic_that_is_not_a_source_is_not_replayed_there(
+        topic_factory: Callable[..., str]) -> None:
+    """Anyone who can write to the dead-letter topic can forge a letter naming any topic:
+    replay sends a record back only to a --topic, unless --to names where."""
+    topic, victim, elsewhere = (topic_factory(partitions=1) for _ in range(3))
+    dead = topic_factory(partitions=1, name=f"{topic}.dlq")
+    forged = dlq.DeadLetter(victim, 0, 7, 0, b"k", stack.signal_record(1), "schema", "forged")
+    key, value, headers = forged.record("someone")
+    stack.produce(dead, [value], keys=[key], headers=[headers])  # type: ignore[list-item]
+    p = Poisoned(topic, dead, stack.group(), "redis://unused:6379/0")
+    result = p.replay("--all")
+    assert summary(result) == "replay: selected 1, replayed 0, still invalid 0, skipped 1"
+    assert "naming a topic that is not a --topic" in result.stdout
+    assert sum(stack.end_offsets(victim, 1).values()) == 0
+    again = p.replay("--all", "--from-beginning", "--to", elsewhere)
+    assert summary(again) == "replay: selected 1, replayed 1, still invalid 0, skipped 0"
+    assert sum(stack.end_offsets(victim, 1).values()) == 0
