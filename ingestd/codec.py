@@ -71,17 +71,19 @@ class Captured:
 class _RecordingProducer:
     """Stands in for a kombu Producer: records the publish call instead of sending."""
 
-    def __init__(self, app: Celery) -> None:
-        self.connection = app.connection_for_write()
+    def __init__(self, app: Celery, url: str | None) -> None:
+        self.connection = app.connection_for_write(url)
         self.call: tuple[Any, dict[str, Any]] | None = None
 
     def publish(self, body: Any, **kwargs: Any) -> None:
         self.call = (body, kwargs)
 
 
-def capture(app: Celery, task: str, queue: str, batch: bool = False) -> Captured:
-    """Let Celery build a message for marker inputs and keep its constant parts."""
-    recorder = _RecordingProducer(app)
+def capture(app: Celery, task: str, queue: str, batch: bool = False,
+            url: str | None = None) -> Captured:
+    """Let Celery build a message for marker inputs and keep its constant parts, for the
+    broker at ``url`` (by default the app's)."""
+    recorder = _RecordingProducer(app, url)
     extra = {"headers": {RECORD_IDS: [_MARK_ID]}} if batch else {}
     try:
         app.send_task(task, args=[_MARK], kwargs={}, task_id=_MARK_ID, queue=queue,

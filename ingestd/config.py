@@ -614,7 +614,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             sources[f.name] = "file"
         elif spec.legacy_env and spec.legacy_env in env:
             values[f.name] = _coerce(f, env[spec.legacy_env], spec.legacy_env)
-            sources[f.name] = "env"
+            sources[f.name] = f"env {spec.legacy_env}"  # the old script's, on purpose
         else:
             sources[f.name] = "default"
     config = Config(**values)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from celery import Celery
+from celery.loaders.app import AppLoader
 from kombu.connection import Connection
 
 from ingestd import codec
@@ -112,10 +113,24 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
 
+class _Loader(AppLoader):  # type: ignore[misc]
+    """Celery's loader for an app of one's own, less the module ``CELERY_CONFIG_MODULE``
+    names: ingestd's settings are the only ones."""
+
+    def read_configuration(self, env: str = "CELERY_CONFIG_MODULE") -> None:
+        return None
+
+
 def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
     """A Celery app used only for its message machinery; it sends nothing itself. No
-    broker call of its connections takes longer than ``timeout``."""
-    app = Celery("ingestd", broker=config.broker_url, set_as_current=False)
+    broker call of its connections takes longer than ``timeout``.
+
+    Celery's own environment must not change where ingestd publishes: its settings
+    take ``CELERY_BROKER_URL`` and ``CELERY_BROKER_WRITE_URL`` over the app's, and
+    every loader, ``CELERY_LOADER``'s too, imports ``CELERY_CONFIG_MODULE``. So the app
+    has a loader that reads no configuration, and every connection is opened with
+    ingestd's URL."""
+    app = Celery("ingestd", broker=config.broker_url, loader=_Loader, set_as_current=False)
     connect = min(CONNECT_TIMEOUT, timeout)
     # kombu's Redis transport has no socket timeout by default, py-amqp none for reads
     # and writes: without these, a dropped network path would hang a publish forever.
@@ -146,9 +161,9 @@ class Target:
     """Where one route's tasks go (:attr:`Config.routes`), and their message template,
     captured from Celery once."""
 
-    def __init__(self, app: Celery, route: Route, batch: bool) -> None:
+    def __init__(self, app: Celery, route: Route, batch: bool, url: str) -> None:
         self.task, self.queue = route
-        self.captured = codec.capture(app, route.task, route.queue, batch)
+        self.captured = codec.capture(app, route.task, route.queue, batch, url)
         self.builder = codec.MessageBuilder(self.captured)
 
 
@@ -183,7 +198,7 @@ class _Base:
         return target
 
     def _new_target(self, route: Route) -> Target:
-        return Target(self.app, route, self.batch)
+        return Target(self.app, route, self.batch, self.config.broker_url)
 
     def split(self, tasks: Sequence[Task]) -> list[tuple[Target, list[Task]]]:
         """The tasks by target, each in its order (a partition's records go to one)."""
@@ -207,7 +222,7 @@ class _Base:
 
     def _connection(self) -> Connection:
         if self.conn is None:
-            self.conn = self.app.connection_for_write()
+            self.conn = self.app.connection_for_write(self.config.broker_url)
             self.conn.ensure_connection(max_retries=1,
                                         timeout=self.app.conf.broker_connection_timeout)
         return self.conn
@@ -282,8 +297,8 @@ class Packed:
 
 
 class RedisTarget(Target):
-    def __init__(self, app: Celery, route: Route, batch: bool) -> None:
-        super().__init__(app, route, batch)
+    def __init__(self, app: Celery, route: Route, batch: bool, url: str) -> None:
+        super().__init__(app, route, batch, url)
         if self.captured.exchange:
             raise DispatchError(f"queue {route.queue!r} routes through exchange "
                                 f"{self.captured.exchange!r}; ingestd publishes to direct "
@@ -300,7 +315,7 @@ class RedisDispatcher(_Base):
         super().__init__(app, config)
 
     def _new_target(self, route: Route) -> RedisTarget:
-        return RedisTarget(self.app, route, self.batch)
+        return RedisTarget(self.app, route, self.batch, self.config.broker_url)
 
     @property
     def key(self) -> str:

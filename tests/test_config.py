@@ -125,7 +125,7 @@ def test_precedence(toml: TomlWriter, name: str, flag: list[str], env_value: str
         ("flag", flag, {}),
         ("env", [], {env_var: env_value}),
         ("file", ["--config", path], {}),
-        ("env", [], {old_var: old_value} if old_var and old_value else {}),
+        (f"env {old_var}", [], {old_var: old_value} if old_var and old_value else {}),
     ]
     for top, want in enumerate(expected):
         if want is None and top < len(layers):
@@ -396,7 +396,7 @@ def test_describe_lists_every_setting_with_its_source(toml: TomlWriter) -> None:
     assert by_name["workers"].endswith("(flag)") and "= 2" in by_name["workers"]
     assert by_name["topic"].endswith("(env)")
     assert by_name["queue"].endswith("(file)")
-    assert by_name["broker_url"].endswith("(env)")
+    assert by_name["broker_url"].endswith("(env CELERY_BROKER_URL)")  # the old script's
     assert "pw0rd" not in "\n".join(lines)
     assert "redis://:***@h:6379/3" in by_name["broker_url"]
     assert by_name["task"].endswith("(default)")

@@ -6,6 +6,7 @@ import collections
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -510,3 +511,26 @@ def test_a_task_over_the_brokers_limit_is_split_or_dead_lettered(mode: str) -> N
     assert ids == [f"t-0-{o}" for o in range(8) if o != 3]
     assert all(pipeline.dispatcher.task_size(t) <= 60_000 for t in batch.tasks)
     assert len(batch.tasks) == (7 if mode == "each" else 3)  # batch: [0, 1] [2] [4-7]
+
+
+def test_celerys_own_environment_does_not_move_the_tasks(topic_factory: Callable[..., str],
+                                                          broker_url: str) -> None:
+    """CELERY_BROKER_URL and CELERY_BROKER_WRITE_URL win over an app's broker inside
+    Celery, and CELERY_LOADER=default imports CELERY_CONFIG_MODULE: none of them changes
+    where ingestd publishes, which --check shows with its source."""
+    topic = topic_factory(partitions=1)
+    stack.produce(topic, [stack.signal_record(i) for i in range(5)])
+    celery_env = {"CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+                  "CELERY_BROKER_WRITE_URL": "redis://127.0.0.1:1/1",
+                  "CELERY_LOADER": "default", "CELERY_CONFIG_MODULE": "no.such.module"}
+    args = stack.ingestd_args(topic, stack.group(), broker_url)
+    checked = subprocess.run([sys.executable, "-m", "ingestd", *args, "--check"],
+                             capture_output=True, text=True, timeout=60, check=False,
+                             env={**os.environ, **celery_env}, cwd=stack.REPO)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "broker_url" in checked.stdout and f"'{broker_url}'  (flag)" in checked.stdout
+    assert f"celery broker {broker_url}: reachable" in checked.stdout
+    with stack.Ingestd(*args, env=celery_env) as ingestd:
+        wait_queue(broker_url, 5)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
