@@ -189,12 +189,21 @@ class Supervisor:
             pass
 
     def spawn(self, slot: int) -> None:
+        """Fork a worker for ``slot``. Where that fails (no file descriptor left for its
+        files, no process), the slot is tried again a little later; nothing is left
+        open."""
         config, holding, quarantine = self.config, Holding(), self.suspects.quarantine()
         rate_limit = self.rate_limit
-        pid, heartbeat = self._fork(
-            f"ingestd-w{slot}",
-            lambda beat, early: run_worker(config, slot, beat, early, holding, quarantine,
-                                           rate_limit))
+        try:
+            pid, heartbeat = self._fork(
+                f"ingestd-w{slot}",
+                lambda beat, early: run_worker(config, slot, beat, early, holding, quarantine,
+                                               rate_limit))
+        except OSError as exc:
+            holding.close()
+            self.next_spawn[slot] = time.monotonic() + MAX_RESTART_BACKOFF / 10
+            log.error("worker %d cannot start: %s; trying again", slot, exc)
+            return
         self.workers[slot] = WorkerHandle(slot, pid, heartbeat, holding,
                                           generation=self.generation)
         log.info("worker %d started (pid %d)", slot, pid)
@@ -210,7 +219,11 @@ class Supervisor:
         them."""
         heartbeat = Heartbeat()
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            heartbeat.close()
+            raise
         if pid == 0:  # the child
             code: int = ExitCode.RUNTIME
             try:

@@ -71,3 +71,22 @@ def test_the_supervisor_imports_neither_librdkafka_nor_celery() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_that_cannot_start_for_want_of_file_descriptors_is_tried_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import os
+
+    from ingestd import supervisor
+
+    def no_fd() -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    sup = _supervisor()
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(supervisor, "Heartbeat", no_fd)
+    sup.spawn(0)
+    assert sup.workers == {} and sup.next_spawn[0] > 0
+    assert len(os.listdir("/proc/self/fd")) == fds  # its holding file closed again
+    assert "worker 0 cannot start: [Errno 24] Too many open files; trying again" in caplog.text
