@@ -12,9 +12,10 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
-from ingestd import codec, dispatch, kafka, rdkafka
+from ingestd import brokertls, codec, dispatch, kafka, rdkafka
 from ingestd import config as cfg
 from ingestd.errors import ExitCode, IngestdError
+from ingestd.supervisor import INSECURE
 
 TIMEOUT = 10.0
 AUTO_CREATE = "auto.create.topics.enable"
@@ -27,6 +28,8 @@ def run_check(loaded: cfg.Loaded) -> int:
         print("  " + line)
     print("hot path: " + ("C (ingestd._native)" if codec.native is not None else
                           "Python (ingestd._native was not built: pip found no C compiler)"))
+    if brokertls.insecure(config):
+        print(f"warning: {INSECURE}")
     problems: list[str] = []
     problems += check_kafka(config)
     problems += check_broker(config)

@@ -63,6 +63,10 @@ def _broker_url(v: str) -> str | None:
     return None
 
 
+def _file_or_empty(v: str) -> str | None:
+    return None if not v or os.path.isfile(v) else "a readable file (or empty)"
+
+
 def _host_port(v: str) -> str | None:
     if v == "":
         return None
@@ -229,7 +233,22 @@ class Config:
         help="static mode: partitions this host owns, e.g. 0-5,8 (all if empty)")
     broker_url: str = setting(
         "redis://localhost:6379/0", metavar="URL", legacy_env="CELERY_BROKER_URL",
-        check=_broker_url, help="Celery broker (redis://, rediss://, amqp://)")
+        check=_broker_url,
+        help="Celery broker (redis://, amqp://; rediss://, amqps:// for TLS, verified)")
+    broker_tls_ca: str = setting(
+        "", metavar="FILE", check=_file_or_empty,
+        help="CA certificates (PEM) to verify a rediss:// or amqps:// broker with "
+             "(default: the system's)")
+    broker_tls_cert: str = setting(
+        "", metavar="FILE", check=_file_or_empty,
+        help="client certificate (PEM) for a broker that asks for one")
+    broker_tls_key: str = setting(
+        "", metavar="FILE", check=_file_or_empty,
+        help="the client certificate's private key (PEM), if not in the certificate's file")
+    broker_tls_insecure: bool = setting(
+        False, parse=_bool,
+        help="do not verify the broker's certificate and host name (tests only: anyone on "
+             "the path can read the broker's password; warns at start)")
     task: str = setting("ingest_and_score_signal", metavar="NAME",
                         help="task name, one task per signal")
     queue: str = setting("celery", metavar="Q", help="Celery queue / routing key")

@@ -29,7 +29,7 @@ from celery import Celery
 from celery.loaders.app import AppLoader
 from kombu.connection import Connection
 
-from ingestd import codec
+from ingestd import brokertls, codec
 from ingestd.config import Config, Route, redact
 from ingestd.errors import DispatchError
 
@@ -130,7 +130,8 @@ def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
     every loader, ``CELERY_LOADER``'s too, imports ``CELERY_CONFIG_MODULE``. So the app
     has a loader that reads no configuration, and every connection is opened with
     ingestd's URL."""
-    app = Celery("ingestd", broker=config.broker_url, loader=_Loader, set_as_current=False)
+    url, use_ssl = brokertls.use_ssl(config)
+    app = Celery("ingestd", broker=url, loader=_Loader, set_as_current=False)
     connect = min(CONNECT_TIMEOUT, timeout)
     # kombu's Redis transport has no socket timeout by default, py-amqp none for reads
     # and writes: without these, a dropped network path would hang a publish forever.
@@ -138,7 +139,8 @@ def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
                  "socket_keepalive": True} if config.broker_is_redis else
                 {"read_timeout": timeout, "write_timeout": timeout})
     app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False,
-                    broker_connection_timeout=connect, broker_transport_options=timeouts)
+                    broker_connection_timeout=connect, broker_transport_options=timeouts,
+                    broker_use_ssl=use_ssl)
     return app
 
 
@@ -171,6 +173,7 @@ class _Base:
     def __init__(self, app: Celery, config: Config) -> None:
         self.app = app
         self.config = config
+        self.url = brokertls.resolve(config)[0]  # ingestd's, whatever Celery's environment
         self.batch = config.dispatch == "batch"
         self.with_metadata = config.with_metadata
         self._by_route: dict[Route, Target] = {}
@@ -198,7 +201,7 @@ class _Base:
         return target
 
     def _new_target(self, route: Route) -> Target:
-        return Target(self.app, route, self.batch, self.config.broker_url)
+        return Target(self.app, route, self.batch, self.url)
 
     def split(self, tasks: Sequence[Task]) -> list[tuple[Target, list[Task]]]:
         """The tasks by target, each in its order (a partition's records go to one)."""
@@ -222,7 +225,7 @@ class _Base:
 
     def _connection(self) -> Connection:
         if self.conn is None:
-            self.conn = self.app.connection_for_write(self.config.broker_url)
+            self.conn = self.app.connection_for_write(self.url)
             self.conn.ensure_connection(max_retries=1,
                                         timeout=self.app.conf.broker_connection_timeout)
         return self.conn
@@ -315,7 +318,7 @@ class RedisDispatcher(_Base):
         super().__init__(app, config)
 
     def _new_target(self, route: Route) -> RedisTarget:
-        return RedisTarget(self.app, route, self.batch, self.config.broker_url)
+        return RedisTarget(self.app, route, self.batch, self.url)
 
     @property
     def key(self) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ingestd import logs
+from ingestd import brokertls, logs
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
 from ingestd.heartbeat import READY, REJOIN, REPLACE, STARTING, Heartbeat
@@ -46,6 +46,8 @@ WATCHER_NAME = "ingestd-owners"  # the watcher's process name (ps -o comm, top)
 WATCHER = -1  # the slot number of the process that watches partition ownership (owners.py)
 WATCHER_RESTART = 5.0
 REJOIN_INTERVAL = 30.0  # between two requests to rejoin while partitions lack an owner
+INSECURE = ("--broker-tls-insecure: the Celery broker's certificate is not verified; anyone "
+            "on the path can take its password and the tasks")
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Supervisor:
         surprise) is logged and the next round goes on: the supervisor is what keeps the
         workers alive. Whatever ends the loop, no worker is left behind."""
         log.info("starting %d workers: %s", self.target, summary(self.config))
+        if brokertls.insecure(self.config):
+            log.warning(INSECURE)
         if self.config.offset_reset == "latest":
             log.warning("--offset-reset latest: a partition without a committed offset, or "
                         "with one out of range, starts at its end; the records before are "
