@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
@@ -40,8 +39,7 @@ def run_check(loaded: cfg.Loaded) -> int:
 
 
 def check_kafka(config: cfg.Config) -> list[str]:
-    props: dict[str, Any] = {k: v for k, v in kafka.producer_config(config).items()
-                             if k not in ("acks", "enable.idempotence", "linger.ms")}
+    props = kafka.client_config(config, "admin")
     props["logger"] = logging.getLogger("librdkafka")  # not librdkafka's own stderr lines
     admin = AdminClient(props)
     try:

@@ -1,4 +1,11 @@
-"""librdkafka settings and small helpers around confluent-kafka."""
+"""librdkafka settings and small helpers around confluent-kafka.
+
+Every client ingestd makes (the workers' consumers, the dead-letter producers, the
+ownership watcher's and ``--check``'s admin clients, ``replay``'s consumer and producer)
+gets its settings from :func:`client_config`: the bootstrap servers and every ``-X``
+property that librdkafka applies to a client of that kind. So a cluster's security
+settings (TLS, SASL, OAUTHBEARER, whatever librdkafka names them) reach them all.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,8 @@ from confluent_kafka import KafkaError, KafkaException
 from ingestd.config import Config, redact_values
 from ingestd.errors import ConfigError
 
-# Properties the dead-letter producer shares with the consumer: how to reach
-# and authenticate to the cluster, and the largest message (a dead letter holds
-# a consumed record), nothing about fetching.
-_SHARED_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "broker.", "client.", "client.rack",
-                    "api.version", "reconnect.", "metadata.", "topic.metadata.", "log.",
-                    "message.max.bytes")
+# librdkafka's scopes of a property that apply to each kind of client.
+SCOPES = {"consumer": ("*", "C"), "producer": ("*", "P"), "admin": ("*",)}
 
 
 GROUP_PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -64,21 +67,27 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
     if config.assignment == "group":
         props["group.instance.id"] = f"{config.instance_id}-{slot}"
         props.update(GROUP_PROTOCOLS[config.group_protocol])
-    props.update(config.kafka_properties)
+    props.update(client_config(config, "consumer"))
     return props
 
 
 def producer_config(config: Config) -> dict[str, Any]:
     """The dead-letter producer: durable, idempotent, sharing the consumer's security."""
-    return {**admin_config(config), "acks": "all", "enable.idempotence": True, "linger.ms": 5}
+    return {"acks": "all", "enable.idempotence": True, "linger.ms": 5,
+            **client_config(config, "producer")}
 
 
-def admin_config(config: Config) -> dict[str, Any]:
-    """A client that only needs to reach the cluster: the consumer's connection and
-    security settings, nothing about fetching."""
+def client_config(config: Config, kind: str) -> dict[str, Any]:
+    """The bootstrap servers and every ``-X`` property that librdkafka applies to a
+    ``kind`` of client (``consumer``, ``producer``, ``admin``): not a fetch setting for
+    a producer, say, which librdkafka would log and ignore. One it does not know is
+    given to every client, for librdkafka to refuse."""
+    from ingestd.rdkafka import properties
+
+    known, scopes = properties(), SCOPES[kind]
     props: dict[str, Any] = {"bootstrap.servers": config.bootstrap_servers}
     props.update({k: v for k, v in config.kafka_properties.items()
-                  if k.startswith(_SHARED_PREFIXES)})
+                  if k not in known or known[k].scope in scopes})
     return props
 
 

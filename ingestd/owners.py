@@ -57,7 +57,7 @@ class Watcher:
         self.config = config
         self.beat = beat
         self.gauge = metrics.unowned_partitions
-        props: dict[str, Any] = {**kafka.admin_config(config),
+        props: dict[str, Any] = {**kafka.client_config(config, "admin"),
                                  "logger": logging.getLogger("librdkafka")}
         self.admin = AdminClient(props)
         self.since: dict[tuple[str, int], float] = {}  # first seen without an owner

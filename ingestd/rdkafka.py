@@ -26,6 +26,7 @@ import ctypes.util
 import functools
 import itertools
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -131,6 +132,34 @@ def _mapped_library() -> str:
     if found is None:
         raise ImportError("librdkafka is not loaded and cannot be found")
     return found
+
+
+# --- the configuration properties -------------------------------------------------------
+
+
+class Property(NamedTuple):
+    """One of librdkafka's configuration properties, as it documents it."""
+
+    scope: str  # "C" consumers only, "P" producers only, "*" every client
+    doc: str  # the description cell, ending in ``*Type: ...*``
+
+
+@functools.cache
+def properties() -> dict[str, Property]:
+    """Every property librdkafka knows, from ``rd_kafka_conf_properties_show`` (its
+    CONFIGURATION.md table, for the version that runs)."""
+    lib, libc = library(), ctypes.CDLL(None)
+    libc.fopen.restype = _ptr
+    libc.fopen.argtypes = [c_char_p, c_char_p]
+    libc.fclose.argtypes = [_ptr]
+    lib.rd_kafka_conf_properties_show.argtypes = [_ptr]
+    with tempfile.NamedTemporaryFile("r") as out:
+        handle = libc.fopen(out.name.encode(), b"w")
+        lib.rd_kafka_conf_properties_show(handle)
+        libc.fclose(handle)
+        rows = [line.split("|") for line in out.read().splitlines() if "|" in line]
+    return {cells[0].strip(): Property(cells[1].strip(), cells[-1]) for cells in rows
+            if len(cells) > 2 and cells[1].strip() in ("C", "P", "*")}
 
 
 # --- a consumed record's headers --------------------------------------------------------

@@ -207,7 +207,7 @@ class Replay:
         self.committed: dict[int, int] = {}  # dead-letter partition -> the group's, at start
         self.stopped_by: str | None = None
         self.consumer = Consumer({
-            **kafka.admin_config(config), "group.id": self.group,
+            **kafka.client_config(config, "consumer"), "group.id": self.group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "enable.partition.eof": True, "logger": LIBRDKAFKA_LOG})
         # A record's fate is known once flush() returns: librdkafka gives up on it first.

@@ -3,47 +3,22 @@ confluent-kafka bundles, so that tests keep ingestd's lists in step with it."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import logging
-import os
 import re
-import tempfile
-from pathlib import Path
 
-import confluent_kafka
 from confluent_kafka import KafkaException, Producer
+
+from ingestd import rdkafka
 
 MARK = "ingestd-marker"
 
 
-def _library() -> ctypes.CDLL:
-    libs = Path(confluent_kafka.__file__).parent.parent / "confluent_kafka.libs"
-    found = sorted(libs.glob("librdkafka*.so*"))
-    assert found, f"no librdkafka in {libs}"
-    return ctypes.CDLL(str(found[0]))
-
-
-@functools.cache
 def properties() -> dict[str, str]:
     """Every property librdkafka knows: name -> its description cell (which ends in
-    ``*Type: ...*``), from ``rd_kafka_conf_properties_show``."""
-    rd, libc = _library(), ctypes.CDLL(None)
-    libc.fopen.restype = ctypes.c_void_p
-    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    libc.fclose.argtypes = [ctypes.c_void_p]
-    rd.rd_kafka_conf_properties_show.argtypes = [ctypes.c_void_p]
-    fd, path = tempfile.mkstemp()
-    os.close(fd)
-    try:
-        fh = libc.fopen(path.encode(), b"w")
-        rd.rd_kafka_conf_properties_show(fh)
-        libc.fclose(fh)
-        rows = [line.split("|") for line in Path(path).read_text().splitlines() if "|" in line]
-    finally:
-        os.unlink(path)
-    return {cells[0].strip(): cells[-1] for cells in rows[2:]}
+    ``*Type: ...*``)."""
+    return {name: p.doc for name, p in rdkafka.properties().items()}
 
 
 @functools.cache
