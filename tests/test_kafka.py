@@ -9,7 +9,8 @@ from ingestd.config import load
 
 SECURITY = ["security.protocol=SASL_SSL", "sasl.mechanism=SCRAM-SHA-512", "sasl.username=u",
             "sasl.password=p", "ssl.ca.location=/ca.pem",
-            "enable.ssl.certificate.verification=true", "ssl.endpoint.identification.algorithm=https", "https.ca.location=/ca.pem",
+            "enable.ssl.certificate.verification=true",
+            "ssl.endpoint.identification.algorithm=https", "https.ca.location=/ca.pem",
             "https.ca.pem=PEM", "enable.sasl.oauthbearer.unsecure.jwt=false",
             "sasl.oauthbearer.method=oidc", "sasl.oauthbearer.extensions=a=1,b=2",
             "socket.keepalive.enable=true", "client.rack=r1", "message.max.bytes=2000000"]
