@@ -8,8 +8,9 @@ PY="$VENV/bin/python"
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 say() { echo "$(basename "$0"): $*" >&2; }
 
-# Create the venv and install ingestd with its dev extras when pyproject.toml or
-# the C module's source changed since the last install.
+# Create the venv and install ingestd with its dev extras when pyproject.toml,
+# requirements.lock or the C module's source changed since the last install. The
+# runtime dependencies come from requirements.lock, hashes checked, as on a host.
 ensure_venv() {
     command -v python3 >/dev/null || die "python3 not found; install Python 3.11 or newer"
     if [ ! -x "$PY" ]; then
@@ -18,11 +19,13 @@ ensure_venv() {
     fi
     local stamp="$VENV/.ingestd-installed"
     if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ] \
-        || [ "$REPO/ingestd/_native.c" -nt "$stamp" ]; then
+        || [ "$REPO/requirements.lock" -nt "$stamp" ] || [ "$REPO/ingestd/_native.c" -nt "$stamp" ]; then
         ensure_compiler
-        say "installing ingestd[dev] into $VENV"
+        say "installing requirements.lock and ingestd[dev] into $VENV"
         "$PY" -m pip install -q --upgrade pip >/dev/null
-        "$PY" -m pip install -q -e "$REPO[dev]" >"$VENV/pip.log" 2>&1 || { tail -n 20 "$VENV/pip.log" >&2; die "pip install failed (log: $VENV/pip.log)"; }
+        { "$PY" -m pip install -q --require-hashes -r "$REPO/requirements.lock" \
+            && "$PY" -m pip install -q -e "$REPO[dev]"; } >"$VENV/pip.log" 2>&1 \
+            || { tail -n 20 "$VENV/pip.log" >&2; die "pip install failed (log: $VENV/pip.log)"; }
         touch "$stamp"
     fi
 }

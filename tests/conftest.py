@@ -169,3 +169,10 @@ def private_rabbitmq() -> Iterator[PrivateService]:
     """A RabbitMQ of this test's own (scripts/stack up rabbitmq), that it may restart."""
     with private_service("rabbitmq") as rabbitmq:
         yield rabbitmq
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fault scenarios take minutes each: ``-m 'not slow'`` skips them locally."""
+    for item in items:
+        if "faults" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
