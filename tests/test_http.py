@@ -4,10 +4,12 @@ bounded number of its threads and file descriptors, and only for a while."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,36 @@ def test_a_connection_over_the_cap_is_closed_at_once(server: str) -> None:
         s.close()
     assert stack.wait_until(lambda: stack.http_get(f"{server}/livez")[0] == 200, 10,
                             interval=0.2)
+
+
+@pytest.mark.stack
+def test_a_running_supervisor_keeps_its_file_descriptors_under_a_flood(
+        topic_factory: Callable[..., str], broker_url: str) -> None:
+    """1,500 half-sent requests to a real ingestd: its supervisor holds a bounded number
+    of sockets, answers /livez once they time out, and still replaces a dead worker."""
+    topic = topic_factory(partitions=1)
+    port = stack.free_port()
+    args = [*stack.ingestd_args(topic, stack.group(), broker_url), "--metrics-addr",
+            f"127.0.0.1:{port}"]
+    with stack.Ingestd(*args) as ingestd:
+        assert stack.wait_until(lambda: stack.http_get(f"http://127.0.0.1:{port}/readyz")[0]
+                                == 200, 60), ingestd.output()[-2000:]
+        assert ingestd.proc is not None
+        fds = Path(f"/proc/{ingestd.proc.pid}/fd")
+        before = len(list(fds.iterdir()))
+        clients = []
+        for _ in range(1500):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            clients.append(s)
+        time.sleep(1)
+        assert len(list(fds.iterdir())) - before <= http.MAX_CONNECTIONS + 8
+        assert stack.wait_until(
+            lambda: stack.http_get(f"http://127.0.0.1:{port}/livez")[0] == 200, 30)
+        (worker,) = ingestd.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        assert stack.wait_until(lambda: ingestd.worker_pids() not in ([], [worker]), 30)
+        for s in clients:
+            s.close()
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()[-2000:]
