@@ -24,7 +24,7 @@ import orjson
 import pytest
 import redis
 
-from ingestd import dispatch
+from ingestd.celery import dispatch
 from ingestd.config import Config
 from tests import stack
 

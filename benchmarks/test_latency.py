@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from benchmarks import pipes
-from ingestd import checker
+from ingestd.tools import checker
 from tests import stack
 
 RATE = int(os.environ.get("INGESTD_BENCH_RATE", "10000"))

@@ -37,9 +37,10 @@ from kombu import serialization
 from kombu.utils.json import dumps as kombu_dumps
 
 from benchmarks.conftest import N_RECORDS, TOPIC
-from ingestd import codec, dispatch, schema
+from ingestd import schema
+from ingestd.celery import codec, dispatch
 from ingestd.config import Config
-from ingestd.worker import Worker
+from ingestd.worker.loop import Worker
 from tests import seams
 
 Benchmark = Any  # pytest_benchmark.fixture.BenchmarkFixture

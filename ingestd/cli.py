@@ -18,11 +18,11 @@ from ingestd.errors import ConfigError, ExitCode, IngestdError
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["status"]:
-        from ingestd import status
+        from ingestd.tools import status
 
         return status.main(args[1:])
     if args[:1] == ["replay"]:
-        from ingestd import replay
+        from ingestd.tools import replay
 
         return replay.main(args[1:])
     # Signals stay blocked until the supervisor's handlers are installed.
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingestd: error: {cfg.redact(str(exc))}", file=sys.stderr)
         return ExitCode.CONFIG
     if loaded.check:
-        from ingestd.check import run_check
+        from ingestd.tools.check import run_check
 
         return run_check(loaded)
     return supervise(loaded, args)
@@ -84,8 +84,8 @@ def supervise(loaded: cfg.Loaded, args: list[str]) -> int:
     else:  # wipe before the first fork: files of an earlier run would add to the counts
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.makedirs(metrics_dir, exist_ok=True)
-    from ingestd import http
-    from ingestd.supervisor import Supervisor
+    from ingestd.supervisor import http
+    from ingestd.supervisor.supervisor import Supervisor
 
     def reload() -> cfg.Loaded:
         again = cfg.load(args)

@@ -1,7 +1,7 @@
 """Driver for scripts/demo: produce signals, run a Celery worker and ingestd, then prove
 that nothing was lost.
 
-The proof is the checker the fault tests use (``ingestd.checker``): it compares every
+The proof is the checker the fault tests use (``ingestd.tools.checker``): it compares every
 produced record's partition and offset, from the producer's delivery reports, with
 the task ids the ``celery worker`` ran and the source coordinates of the dead
 letters; ``lost`` is what it finds in neither. The latency is each record's Kafka
@@ -29,7 +29,8 @@ import redis
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from ingestd import checker, reference_tasks, status
+from ingestd.celery import reference_tasks
+from ingestd.tools import checker, status
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
@@ -191,8 +192,8 @@ def main() -> int:
     env = {**os.environ, "CELERY_BROKER_URL": opts.broker_url}
     group = f"demo-{int(time.time())}"
     celery = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "ingestd.reference_tasks", "worker", "-c", "2",
-         "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+        [sys.executable, "-m", "celery", "-A", "ingestd.celery.reference_tasks", "worker",
+         "-c", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
         stdout=(logs / "celery.log").open("wb"), stderr=subprocess.STDOUT, env=env)
     ingestd = subprocess.Popen(
         [sys.executable, "-m", "ingestd", "--workers", str(opts.workers), "--topic", topic,

@@ -5,7 +5,7 @@ child of the supervisor's own), and again in each worker while it boots
 (``Validator``, inside ``Worker()``), after the worker's signal handlers were
 reset and before it beats or installs its own. A module-level ``__getattr__``
 (PEP 562) answers both look-ups and tells them apart: only a worker has
-imported ``ingestd.worker`` by then.
+imported ``ingestd.worker.loop`` by then.
 
 - ``tests.boot_hooks:Crashing``: the worker dies at once (``os._exit(70)``),
   before it ever beats, without raising anything ingestd could catch;
@@ -37,7 +37,7 @@ class Signal(msgspec.Struct):
 def __getattr__(name: str) -> Any:
     if name not in ("Crashing", "Slow"):
         raise AttributeError(name)
-    if "ingestd.worker" in sys.modules:  # in a worker, while it boots
+    if "ingestd.worker.loop" in sys.modules:  # in a worker, while it boots
         if name == "Crashing":
             os._exit(70)
         marks = os.environ.get("INGESTD_TEST_BOOT_MARKS")

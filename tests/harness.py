@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 import redis
 from confluent_kafka import KafkaException
 
-from ingestd import checker, rdkafka, reference_tasks
+from ingestd import rdkafka
+from ingestd.celery import reference_tasks
+from ingestd.tools import checker
 from tests import stack
 
 PARTITIONS = 4

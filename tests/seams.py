@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from ingestd import dispatch
+from ingestd.celery import dispatch
 from ingestd.config import Config
 from ingestd.quarantine import Quarantine
-from ingestd.worker import Worker, task_bound, validator
+from ingestd.worker.loop import Worker, task_bound, validator
 
 __all__ = ["Worker", "decoder"]
 

@@ -20,7 +20,7 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from ingestd.supervisor import WATCHER_NAME
+from ingestd.supervisor.supervisor import WATCHER_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
@@ -185,7 +185,7 @@ def end_offsets(topic: str, partitions: int, bootstrap: str = BOOTSTRAP) -> dict
 
 @contextmanager
 def celery_worker(broker_url: str, queue: str = "celery", concurrency: int = 2,
-                  env: dict[str, str] | None = None, app: str = "ingestd.reference_tasks",
+                  env: dict[str, str] | None = None, app: str = "ingestd.celery.reference_tasks",
                   pool: str = "prefork") -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery worker`` running the reference tasks (or ``app``'s), stopped on
     exit."""

@@ -23,7 +23,7 @@ import pytest
 import redis
 import trustme
 
-from ingestd import reference_tasks
+from ingestd.celery import reference_tasks
 from tests import stack
 from tests.harness import private_service
 

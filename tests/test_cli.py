@@ -239,7 +239,8 @@ def test_toml_string_for_a_number_or_list_is_a_type_error(tmp_path: Path, text: 
 
 # --- 2. --check -----------------------------------------------------------
 
-DESCRIBED = re.compile(r"^  (\w+)\s+= (.*)  \((flag|env|file|default)\)$")
+# The source: flag, env, env VAR (an old variable), file+env (merged -X), default.
+DESCRIBED = re.compile(r"^  (\w+)\s+= (.*)  \(([\w+ ]+)\)$")
 
 
 def described(stdout: str) -> dict[str, tuple[str, str]]:
@@ -264,7 +265,7 @@ def test_check_prints_every_setting_with_its_source_and_reaches_both(
     shown = described(result.stdout)
     assert set(shown) == {f.name for f in config.SETTINGS}, result.stdout
     expected_sources = {"topic": "flag", "bootstrap_servers": "flag", "broker_url": "flag",
-                        "workers": "flag", "queue": "env", "group_id": "env",
+                        "workers": "flag", "queue": "env", "group_id": "env KAFKA_GROUP",
                         "batch_size": "file", "max_record_bytes": "file"}
     for name, (_, source) in shown.items():
         assert source == expected_sources.get(name, "default"), (name, source)

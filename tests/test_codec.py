@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Queue
 
-from ingestd import codec, dispatch
+from ingestd.celery import codec, dispatch
 from ingestd.config import Config
 from ingestd.errors import DispatchError, RecordError
 from ingestd.schema import Validator

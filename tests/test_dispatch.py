@@ -6,7 +6,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingestd.dispatch import pack_lpush
+from ingestd.celery.dispatch import pack_lpush
 
 
 @given(st.text(min_size=1, max_size=50), st.lists(st.binary(max_size=8000), min_size=1,

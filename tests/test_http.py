@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import http
+from ingestd.supervisor import http
 from tests import stack
 
 

@@ -51,7 +51,7 @@ def test_the_lock_pins_every_dependency_within_pyprojects_bounds_with_hashes() -
 
 
 def test_the_tests_run_on_the_locked_versions() -> None:
-    """Celery's and kombu's message layout (ingestd.codec) and confluent-kafka's Message
+    """Celery's and kombu's message layout (ingestd.celery.codec) and confluent-kafka's Message
     (ingestd.rdkafka) are proven on exactly these."""
     drifted = {name: (str(version), metadata.version(name))
                for name, (version, _) in _locked().items()

@@ -17,7 +17,7 @@ import pytest
 import redis
 from celery import Celery
 
-from ingestd import reference_tasks
+from ingestd.celery import reference_tasks
 from ingestd.metadata import trace_context
 from tests import stack
 

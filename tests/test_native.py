@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from benchmarks import pipes
-from ingestd import codec, dispatch
+from ingestd.celery import codec, dispatch
 from ingestd.errors import RecordError
 from ingestd.schema import Validator
 from tests.test_codec import CURATED, json_objects, signals

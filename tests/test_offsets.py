@@ -8,7 +8,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from ingestd.offsets import Offsets
+from ingestd.worker.offsets import Offsets
 
 
 class FakeConsumer:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from benchmarks import measure
-from ingestd import codec, dlq
+from ingestd import dlq
+from ingestd.celery import codec
 from tests import stack
 from tests.test_worker import wait_queue
 

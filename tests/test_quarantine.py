@@ -67,7 +67,7 @@ def test_a_torn_holding_file_reads_as_written_or_as_nothing() -> None:
 
 
 def test_what_one_death_held_is_suspected_and_taken_one_record_at_a_time() -> None:
-    from ingestd.worker import Worker
+    from ingestd.worker.loop import Worker
 
     suspects = Suspects()
     suspects.died_holding([Range("t", 0, 10, 19)])

@@ -28,7 +28,7 @@ def test_readme_tables_match_declarations(table: str) -> None:
 
 @pytest.mark.parametrize("command", ["replay", "status"])
 def test_readme_command_tables_match_their_parsers(command: str) -> None:
-    parser = importlib.import_module(f"ingestd.{command}").build_parser()
+    parser = importlib.import_module(f"ingestd.tools.{command}").build_parser()
     assert generated(f"{command}-options") == config.command_table(parser), \
         f"README {command} table is stale"
 

@@ -19,8 +19,9 @@ import orjson
 import pytest
 import redis
 
-from ingestd import dlq, reference_tasks
-from ingestd.replay import Counts, Options, group_of
+from ingestd import dlq
+from ingestd.celery import reference_tasks
+from ingestd.tools.replay import Counts, Options, group_of
 from tests import stack
 from tests.test_cli import INVALID, MAX_RECORD_BYTES, Ingestd, clean_env, run_cli
 

@@ -15,7 +15,7 @@ import redis
 from confluent_kafka import KafkaException
 from kombu import Connection
 
-from ingestd import reference_tasks
+from ingestd.celery import reference_tasks
 from tests import stack
 from tests.test_cli import run_cli, sample, scrape
 

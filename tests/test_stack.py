@@ -9,7 +9,7 @@ import redis
 from celery import Celery
 from confluent_kafka import Consumer
 
-from ingestd import reference_tasks
+from ingestd.celery import reference_tasks
 from tests import stack
 
 

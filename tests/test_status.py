@@ -10,7 +10,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from ingestd.status import Reading, render, snapshot
+from ingestd.tools.status import Reading, render, snapshot
 from tests import stack
 from tests.test_cli import INVALID, MAX_RECORD_BYTES, Ingestd, run_cli, sample, scrape
 

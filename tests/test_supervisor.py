@@ -25,8 +25,8 @@ import redis
 from confluent_kafka import Consumer
 from confluent_kafka.admin import NewPartitions
 
-from ingestd import reference_tasks
-from ingestd.assignment import static_share
+from ingestd.celery import reference_tasks
+from ingestd.worker.assignment import static_share
 from tests import stack
 
 pytestmark = pytest.mark.stack

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ingestd.config import Config, Loaded
-from ingestd.supervisor import Supervisor
+from ingestd.supervisor.supervisor import Supervisor
 
 
 def _supervisor(**settings: str) -> Supervisor:
@@ -65,7 +65,7 @@ def test_the_supervisor_imports_neither_librdkafka_nor_celery() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, ingestd.cli, ingestd.supervisor, ingestd.http; "
+    code = ("import sys, ingestd.cli, ingestd.supervisor.supervisor, ingestd.supervisor.http; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('confluent_kafka', 'celery', 'kombu')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -78,7 +78,7 @@ def test_a_worker_that_cannot_start_for_want_of_file_descriptors_is_tried_again(
     import errno
     import os
 
-    from ingestd import supervisor
+    from ingestd.supervisor import supervisor
 
     def no_fd() -> None:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))

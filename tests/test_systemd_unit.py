@@ -90,7 +90,7 @@ def test_sandbox_keeps_what_ingestd_uses() -> None:
     """What the daemon needs and a later edit of the unit could take away."""
     unit = settings(UNIT.read_text())
     # Kafka and the Celery broker over IPv4/IPv6 and the metrics listener; sd_notify
-    # (ingestd/systemd.py); glibc's getaddrinfo asks the kernel over netlink.
+    # (ingestd/supervisor/systemd.py); glibc's getaddrinfo asks the kernel over netlink.
     needed = {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
     families = " ".join(unit.get("RestrictAddressFamilies", [" ".join(sorted(needed))]))
     assert not families.startswith("~") and needed <= set(families.split())

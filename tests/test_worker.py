@@ -17,7 +17,8 @@ import pytest
 import redis
 from confluent_kafka import Consumer
 
-from ingestd import dlq, reference_tasks
+from ingestd import dlq
+from ingestd.celery import reference_tasks
 from tests import stack
 
 INVALID = {
@@ -365,8 +366,8 @@ def test_a_record_that_fails_to_build_becomes_an_internal_dead_letter() -> None:
     """At the dispatcher's seam: ``prepare`` fails for any task holding record 2."""
     from confluent_kafka import Message
 
-    from ingestd.dispatch import Task, slice_task
-    from ingestd.worker import buildable
+    from ingestd.celery.dispatch import Task, slice_task
+    from ingestd.worker.loop import buildable
 
     topic = "t-x"
     records = [Message(topic=topic, partition=3, offset=o, key=b"k%d" % o, value=b"v%d" % o,
@@ -408,7 +409,7 @@ def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> 
 
     from ingestd.config import Config
     from ingestd.quarantine import Quarantine
-    from ingestd.worker import Worker
+    from ingestd.worker.loop import Worker
 
     class Fetcher:
         def __init__(self) -> None:
@@ -439,9 +440,9 @@ def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
     from confluent_kafka import Message, TopicPartition
 
     from ingestd import metrics
-    from ingestd.inflight import InFlight
-    from ingestd.offsets import Offsets
-    from ingestd.worker import Worker
+    from ingestd.worker.inflight import InFlight
+    from ingestd.worker.loop import Worker
+    from ingestd.worker.offsets import Offsets
 
     worker = Worker.__new__(Worker)
     worker.slot, worker.metrics = 0, metrics
@@ -463,10 +464,10 @@ def test_a_refused_batch_retried_after_a_revoke_drops_the_revoked_partitions() -
     them again from the committed offset. No connection: the AMQP dispatcher only builds."""
     from types import SimpleNamespace
 
-    from ingestd import dispatch
+    from ingestd.celery import dispatch
     from ingestd.config import Config
     from ingestd.dlq import DeadLetter
-    from ingestd.worker import Batch, Worker
+    from ingestd.worker.loop import Batch, Worker
 
     config = Config(topic=("t",), broker_url="amqp://127.0.0.1:1//")
     worker = Worker.__new__(Worker)
@@ -491,7 +492,7 @@ def test_a_task_over_the_brokers_limit_is_split_or_dead_lettered(mode: str) -> N
     slice of the other records is split until each task fits."""
     from confluent_kafka import Message
 
-    from ingestd import dispatch
+    from ingestd.celery import dispatch
     from ingestd.config import Config
     from tests import seams
 

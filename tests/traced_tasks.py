@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ingestd.reference_tasks import RESULTS_PREFIX, _results, app
+from ingestd.celery.reference_tasks import RESULTS_PREFIX, _results, app
 
 SPANS_KEY = RESULTS_PREFIX + "spans"
 exporter = InMemorySpanExporter()

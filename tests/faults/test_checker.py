@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from ingestd.checker import Record, by_partition, check, parse_id, ranges, record_id
+from ingestd.tools.checker import Record, by_partition, check, parse_id, ranges, record_id
 
 T = "t-abc"
 

@@ -22,7 +22,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ConfigResource,
 )
 
-from ingestd.worker import COMMIT_STATUS
+from ingestd.worker.loop import COMMIT_STATUS
 from tests import stack
 from tests.harness import BATCH, PrivateService, Run
 

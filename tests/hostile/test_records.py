@@ -3,7 +3,7 @@ ingestion, none kills a worker, each valid one runs on a real ``celery worker`` 
 invalid one is dead-lettered with its headers byte for byte.
 
 Every case below goes into one topic among ordinary signals, in each dispatch mode, with
-and without ``--with-metadata``; the run checker (``ingestd/checker.py``) then finds
+and without ``--with-metadata``; the run checker (``ingestd/tools/checker.py``) then finds
 nothing lost, duplicated or misrouted.
 """
 
@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from ingestd import dlq, rdkafka, reference_tasks
+from ingestd import dlq, rdkafka
+from ingestd.celery import reference_tasks
 from tests import stack
 from tests.harness import Produced, Run
 

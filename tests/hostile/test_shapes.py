@@ -17,7 +17,7 @@ from confluent_kafka import Message
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ingestd import dispatch
+from ingestd.celery import dispatch
 from ingestd.config import Config
 from tests import seams
 

@@ -2,7 +2,7 @@
 
 The loop reads top to bottom: consume → decode/validate → build messages →
 publish → store offsets. Publishing runs on the in-flight thread
-(:mod:`ingestd.inflight`) while this one consumes and builds the next batch.
+(:mod:`ingestd.worker.inflight`) while this one consumes and builds the next batch.
 
 Only this thread touches the consumer: it stores and commits a batch's
 offsets once the in-flight thread reports that the Celery broker accepted the
@@ -36,20 +36,21 @@ from typing import Any, cast
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from ingestd import codec, dispatch, kafka, logs, rdkafka
-from ingestd.assignment import Assignment
-from ingestd.backpressure import QueueWatch
+from ingestd import kafka, logs, rdkafka
+from ingestd.celery import codec, dispatch
 from ingestd.config import Config
 from ingestd.dlq import DeadLetter, DeadLetterError, DeadLetterProducer
 from ingestd.errors import DispatchError, KafkaFatalError, RecordError
 from ingestd.heartbeat import READY, REJOIN, REPLACE
-from ingestd.inflight import InFlight
 from ingestd.metadata import kafka_metadata, trace_context
-from ingestd.offsets import Offsets
 from ingestd.quarantine import DETAIL as QUARANTINED
 from ingestd.quarantine import Holding, Quarantine, ranges_of
 from ingestd.ratelimit import RateLimit, batch_cap
 from ingestd.schema import INTERNAL, TOO_LARGE, Validator
+from ingestd.worker.assignment import Assignment
+from ingestd.worker.backpressure import QueueWatch
+from ingestd.worker.inflight import InFlight
+from ingestd.worker.offsets import Offsets
 
 log = logs.get("worker")
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")

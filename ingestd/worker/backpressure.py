@@ -17,7 +17,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ingestd import dispatch, logs
+from ingestd import logs
+from ingestd.celery import dispatch
 from ingestd.config import Config
 from ingestd.errors import DispatchError
 

@@ -29,7 +29,8 @@ from celery import Celery
 from celery.loaders.app import AppLoader
 from kombu.connection import Connection
 
-from ingestd import brokertls, codec
+from ingestd.celery import codec
+from ingestd.celery import tls as brokertls
 from ingestd.config import Config, Route, redact
 from ingestd.errors import DispatchError
 

@@ -24,13 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ingestd import brokertls, logs
+from ingestd import logs
+from ingestd.celery import tls as brokertls
 from ingestd.config import Config, Loaded, summary
 from ingestd.errors import ExitCode, IngestdError
 from ingestd.heartbeat import READY, REJOIN, REPLACE, STARTING, Heartbeat
 from ingestd.quarantine import Holding, Quarantine, Range, Suspects
 from ingestd.ratelimit import RateLimit
-from ingestd.systemd import Notifier
+from ingestd.supervisor.systemd import Notifier
 
 log = logs.get("supervisor")
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
@@ -67,7 +68,7 @@ class Supervisor:
         self.config: Config = loaded.config
         self.reload_config = reload
         self.workers: dict[int, WorkerHandle] = {}  # slot -> handle
-        self.watcher: WorkerHandle | None = None  # group mode: see ingestd.owners
+        self.watcher: WorkerHandle | None = None  # group mode: see ingestd.supervisor.owners
         self.next_watcher = 0.0
         self.next_rejoin = 0.0
         self.target = self.config.workers
@@ -529,7 +530,7 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]
     logs.configure(config.log_format, config.log_level, role="worker", slot=slot)
     # The SIGABRT of a stuck worker (check_heartbeats) prints every thread's stack.
     faulthandler.enable(all_threads=True)
-    from ingestd.worker import Worker  # imported after fork: librdkafka is not fork-safe
+    from ingestd.worker.loop import Worker  # imported after fork: librdkafka is not fork-safe
 
     try:
         worker = Worker(config, slot, heartbeat.beat, holding, quarantine, rate_limit)
@@ -553,7 +554,9 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]
 def run_watcher(config: Config, heartbeat: Heartbeat) -> int:
     """The ownership watcher's main (group mode); returns its exit code."""
     logs.configure(config.log_format, config.log_level, role="watcher")
-    from ingestd.owners import Watcher  # imported after fork: librdkafka is not fork-safe
+    from ingestd.supervisor.owners import (
+        Watcher,  # imported after fork: librdkafka is not fork-safe
+    )
 
     try:
         Watcher(config, heartbeat.beat).run()

@@ -11,10 +11,12 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
-from ingestd import brokertls, codec, dispatch, kafka, rdkafka
 from ingestd import config as cfg
+from ingestd import kafka, rdkafka
+from ingestd.celery import codec, dispatch
+from ingestd.celery import tls as brokertls
 from ingestd.errors import ExitCode, IngestdError
-from ingestd.supervisor import INSECURE
+from ingestd.supervisor.supervisor import INSECURE
 
 TIMEOUT = 10.0
 AUTO_CREATE = "auto.create.topics.enable"

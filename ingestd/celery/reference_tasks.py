@@ -1,6 +1,6 @@
 """The reference Celery app that ingestd feeds in the demo, tests and benchmarks.
 
-Run it with ``celery -A ingestd.reference_tasks worker``. Each task scores a
+Run it with ``celery -A ingestd.celery.reference_tasks worker``. Each task scores a
 signal against a per-source running mean and deviation (Welford) and records
 the task id and the score in Redis, so that callers can count what ran:
 
@@ -34,7 +34,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
-from ingestd.codec import RECORD_IDS
+from ingestd.celery.codec import RECORD_IDS
 
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
 RESULTS_PREFIX = os.environ.get("INGESTD_RESULTS_PREFIX", "ingestd:ref:")
