@@ -40,7 +40,6 @@ from benchmarks.conftest import N_RECORDS, TOPIC
 from ingestd import schema
 from ingestd.celery import codec, dispatch
 from ingestd.config import Config
-from ingestd.worker.loop import Worker
 from tests import seams
 
 Benchmark = Any  # pytest_benchmark.fixture.BenchmarkFixture
@@ -401,7 +400,7 @@ HEADERS: dict[str, list[tuple[str, bytes]] | None] = {
 
 @pytest.fixture(params=list(HEADERS))
 def headed(request: pytest.FixtureRequest, config: Config, corpus: list[bytes]) -> Iterator[
-        tuple[str, Worker, dispatch.RedisDispatcher, list[Message]]]:
+        tuple[str, seams.Seam, dispatch.RedisDispatcher, list[Message]]]:
     variant = request.param
     cfg = Config(broker_url=config.broker_url, queue=config.queue,
                  with_metadata=variant.endswith("--with-metadata"))
@@ -417,9 +416,9 @@ def headed(request: pytest.FixtureRequest, config: Config, corpus: list[bytes]) 
 @pytest.mark.stack
 def test_decode_build_record_headers(
         benchmark: Benchmark,
-        headed: tuple[str, Worker, dispatch.RedisDispatcher, list[Message]]) -> None:
+        headed: tuple[str, seams.Seam, dispatch.RedisDispatcher, list[Message]]) -> None:
     """What the trace context and ``--with-metadata`` add per record, against records
-    without headers: those pay one ``Message.headers()`` call that returns None."""
+    without headers: those pay one look at their headers."""
     variant, worker, d, messages = headed
     benchmark.group = "decode+build: record headers"
     benchmark.extra_info["variant"] = variant

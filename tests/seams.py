@@ -1,30 +1,34 @@
-"""A worker's per-record path without its clients: :meth:`Worker.decode` and
-:meth:`Worker.build` on records made in memory, as the benchmarks and the hostile-input
-tests drive them."""
+"""A worker's per-record path without its clients: :class:`Pipeline`'s decode and build on
+records made in memory, as the benchmarks and the hostile-input tests drive them."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from confluent_kafka import Message
 
 from ingestd.celery import dispatch
 from ingestd.config import Config
 from ingestd.quarantine import Quarantine
-from ingestd.worker.loop import Worker, task_bound, validator
+from ingestd.worker.pipeline import Batch, Pipeline
 
-__all__ = ["Worker", "decoder"]
+
+class Seam:
+    """A pipeline for the ``owned`` partitions, with no consumer, no dead-letter producer
+    and no connection; ``dispatcher`` builds the messages."""
+
+    def __init__(self, config: Config, owned: set[tuple[str, int]],
+                 dispatcher: dispatch.Dispatcher | None = None) -> None:
+        self.pipeline = Pipeline(config, dispatcher or dispatch.create(config), Quarantine(()),
+                                 lambda err: None)
+        self.owned = owned
+        self.dispatcher = self.pipeline.dispatcher
+
+    def decode(self, messages: list[Message]) -> Batch:
+        return self.pipeline.decode(messages, self.owned, 0)[0]
+
+    def build(self, batch: Batch) -> None:
+        self.pipeline.build(batch)
 
 
 def decoder(config: Config, owned: set[tuple[str, int]],
-            dispatcher: dispatch.Dispatcher | None = None) -> Worker:
-    """A worker that decodes records of the ``owned`` partitions and, given a dispatcher,
-    builds their messages: no consumer, no dead-letter producer, no connection."""
-    w = Worker.__new__(Worker)
-    w.config = config
-    w.validator = validator(config)
-    w.task_bound = task_bound(config)
-    w.assignment = SimpleNamespace(revision=0, owned=owned)  # type: ignore[assignment]
-    w.quarantine = Quarantine(())
-    w.carry = []
-    if dispatcher is not None:
-        w.dispatcher = dispatcher
-    return w
+            dispatcher: dispatch.Dispatcher | None = None) -> Seam:
+    return Seam(config, owned, dispatcher)

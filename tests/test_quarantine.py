@@ -67,24 +67,25 @@ def test_a_torn_holding_file_reads_as_written_or_as_nothing() -> None:
 
 
 def test_what_one_death_held_is_suspected_and_taken_one_record_at_a_time() -> None:
-    from ingestd.worker.loop import Worker
+    from ingestd.config import Config
+    from ingestd.worker.feed import Feed
 
     suspects = Suspects()
     suspects.died_holding([Range("t", 0, 10, 19)])
     quarantine = suspects.quarantine()
     assert not quarantine
     assert quarantine.suspects("t", 0, 15) and not quarantine.suspects("t", 0, 20)
-    worker = Worker.__new__(Worker)
-    worker.quarantine, worker.carry = quarantine, []
+    feed = Feed(None, Config(), 1000, quarantine,  # type: ignore[arg-type]
+                lambda: False, lambda: False)
 
-    def next_batch(consumed: list[Message]) -> list[int]:  # as consume() hands the carry on
-        worker.carry = []
-        return [m.offset() for m in worker._alone(consumed)]
+    def next_batch(consumed: list[Message]) -> list[int]:  # as next() hands the carry on
+        feed.carry = []
+        return [m.offset() for m in feed._alone(consumed)]
 
     assert next_batch(_msgs(*(("t", 0, o) for o in range(5, 25)))) == list(range(5, 10))
-    assert next_batch(worker.carry) == [10]
-    assert next_batch(worker.carry) == [11]
-    assert [m.offset() for m in worker.carry] == list(range(12, 25))
+    assert next_batch(feed.carry) == [10]
+    assert next_batch(feed.carry) == [11]
+    assert [m.offset() for m in feed.carry] == list(range(12, 25))
     assert next_batch(_msgs(("t", 0, 20), ("t", 1, 12))) == [20, 12]
     # The second death, on one record alone: that record is quarantined, and only it.
     assert suspects.died_holding([Range("t", 0, 15, 15)]) == [Range("t", 0, 15, 15)]

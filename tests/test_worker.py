@@ -356,7 +356,7 @@ def test_a_worker_killed_as_stuck_prints_every_thread(topic_factory: Callable[..
         ingestd.signal(signal.SIGTERM)
         assert ingestd.wait(60) == 0
     out = ingestd.output()
-    assert "Current thread" in out and 'File "' in out and "worker.py" in out, out[-3000:]
+    assert "Current thread" in out and 'File "' in out and "worker/loop.py" in out, out[-3000:]
 
 
 # --- building messages: one record's failure is its own ----------------------------
@@ -367,7 +367,7 @@ def test_a_record_that_fails_to_build_becomes_an_internal_dead_letter() -> None:
     from confluent_kafka import Message
 
     from ingestd.celery.dispatch import Task, slice_task
-    from ingestd.worker.loop import buildable
+    from ingestd.worker.pipeline import buildable
 
     topic = "t-x"
     records = [Message(topic=topic, partition=3, offset=o, key=b"k%d" % o, value=b"v%d" % o,
@@ -409,7 +409,7 @@ def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> 
 
     from ingestd.config import Config
     from ingestd.quarantine import Quarantine
-    from ingestd.worker.loop import Worker
+    from ingestd.worker.feed import Feed
 
     class Fetcher:
         def __init__(self) -> None:
@@ -420,18 +420,15 @@ def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> 
             return [Message(topic="t", partition=0, offset=100 + i, value=b"v")
                     for i in range(n)]
 
-    worker = Worker.__new__(Worker)
-    worker.config = Config(batch_size=5)
-    worker.batch_size = 5
-    worker.quarantine = Quarantine(())
-    worker.paused_by = set()
-    worker.consumer = fetcher = Fetcher()  # type: ignore[assignment]
-    worker.carry = [Message(topic="t", partition=0, offset=o, value=b"v") for o in range(12)]
-    first, second, third = worker.consume(), worker.consume(), worker.consume()
+    fetcher = Fetcher()
+    feed = Feed(fetcher, Config(batch_size=5), 5, Quarantine(()),  # type: ignore[arg-type]
+                lambda: False, lambda: False)
+    feed.keep([Message(topic="t", partition=0, offset=o, value=b"v") for o in range(12)])
+    first, second, third = feed.next(), feed.next(), feed.next()
     assert [m.offset() for m in first] == [0, 1, 2, 3, 4]
     assert [m.offset() for m in second] == [5, 6, 7, 8, 9]
     assert [m.offset() for m in third] == [10, 11, 100, 101, 102]
-    assert fetcher.asked == [3] and worker.carry == []
+    assert fetcher.asked == [3] and feed.carry == []
 
 
 def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
@@ -440,6 +437,9 @@ def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
     from confluent_kafka import Message, TopicPartition
 
     from ingestd import metrics
+    from ingestd.config import Config
+    from ingestd.quarantine import Quarantine
+    from ingestd.worker.feed import Feed
     from ingestd.worker.inflight import InFlight
     from ingestd.worker.loop import Worker
     from ingestd.worker.offsets import Offsets
@@ -449,41 +449,40 @@ def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
     worker.inflight = InFlight()
     worker.offsets = Offsets(lambda: {("t", 0), ("t", 1)}, lambda err: None)
     worker.offsets.unconfirmed = {("t", 0): 5, ("t", 1): 7}
-    worker.carry = [Message(topic="t", partition=p, offset=o, value=b"v")
-                    for o in range(3) for p in (0, 1)]
+    worker.feed = Feed(None, Config(), 1000, Quarantine(()),  # type: ignore[arg-type]
+                       lambda: False, lambda: False)
+    worker.feed.keep([Message(topic="t", partition=p, offset=o, value=b"v")
+                      for o in range(3) for p in (0, 1)])
     worker.revoking([TopicPartition("t", 0)])
-    assert [(m.partition(), m.offset()) for m in worker.carry] == [(1, 0), (1, 1), (1, 2)]
+    assert [(m.partition(), m.offset()) for m in worker.feed.carry] == [(1, 0), (1, 1), (1, 2)]
     assert worker.offsets.unconfirmed == {("t", 1): 7}
     worker.lost([TopicPartition("t", 1)])
-    assert worker.carry == [] and worker.offsets.unconfirmed == {}
+    assert worker.feed.carry == [] and worker.offsets.unconfirmed == {}
     worker.inflight.close()
 
 
 def test_a_refused_batch_retried_after_a_revoke_drops_the_revoked_partitions() -> None:
     """Its records, its letters still to send and its offsets: the new owner consumes
     them again from the committed offset. No connection: the AMQP dispatcher only builds."""
-    from types import SimpleNamespace
-
     from ingestd.celery import dispatch
     from ingestd.config import Config
     from ingestd.dlq import DeadLetter
-    from ingestd.worker.loop import Batch, Worker
+    from ingestd.quarantine import Quarantine
+    from ingestd.worker.pipeline import Batch, Pipeline
 
     config = Config(topic=("t",), broker_url="amqp://127.0.0.1:1//")
-    worker = Worker.__new__(Worker)
-    worker.dispatcher = dispatch.create(config)
+    pipeline = Pipeline(config, dispatch.create(config), Quarantine(()), lambda err: None)
     tasks = [dispatch.Task(f"t-{p}-{o}", "t", [b'{"a": 1}'], [{"a": 1}])
              for p in (0, 1) for o in range(3)]
     letters = [DeadLetter("t", p, 9, 0, None, b"x", "decode", "d") for p in (0, 1)]
     batch = Batch(tasks=tasks, letters=letters, offsets={("t", 0): 10, ("t", 1): 10},
-                  messages=worker.dispatcher.prepare(tasks), unsent=letters[1:], revision=1)
-    worker.assignment = SimpleNamespace(owned={("t", 0)}, revision=2)  # type: ignore[assignment]
-    kept = worker._without_revoked(batch)
+                  messages=pipeline.dispatcher.prepare(tasks), unsent=letters[1:], revision=1)
+    kept = pipeline.without(batch, {("t", 0)}, 2)
     assert [m.task.task_id for m in kept.messages] == ["t-0-0", "t-0-1", "t-0-2"]
     assert [t.task_id for t in kept.tasks] == ["t-0-0", "t-0-1", "t-0-2"]
     assert kept.letters == letters[:1] and kept.unsent == []
     assert kept.offsets == {("t", 0): 10} and kept.revision == 2
-    worker.dispatcher.close()
+    pipeline.dispatcher.close()
 
 
 @pytest.mark.parametrize("mode", ["each", "batch"])

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ingestd.worker.loop import TOO_LARGE_TO_FETCH
+from ingestd.worker.status import TOO_LARGE_TO_FETCH
 from tests import stack
 from tests.harness import PrivateService, Produced, Run, private_service
 

@@ -49,7 +49,7 @@ STALLED = b"[" + b"," * 10_001 + b'"' + b'\\"' * 60_000
 
 
 @pytest.fixture(scope="module", params=["each", "batch"])
-def pipeline(request: pytest.FixtureRequest) -> seams.Worker:
+def pipeline(request: pytest.FixtureRequest) -> seams.Seam:
     config = Config(broker_url="redis://127.0.0.1:1/0", dispatch=request.param,
                     max_record_bytes=4 << 20, with_metadata=True)
     return seams.decoder(config, {(TOPIC, 0)}, dispatch.create(config))
@@ -60,7 +60,7 @@ def pipeline(request: pytest.FixtureRequest) -> seams.Worker:
 @given(raw=records)
 @example(raw=STALLED)
 @example(raw=_signal(b"[" + b'"a",' * 9_000 + b'"' + b'\\"' * 60_000 + b"]"))
-def test_a_records_check_and_build_cost_is_linear_in_its_size(pipeline: seams.Worker,
+def test_a_records_check_and_build_cost_is_linear_in_its_size(pipeline: seams.Seam,
                                                                raw: bytes) -> None:
     msg = Message(topic=TOPIC, partition=0, offset=0, value=raw, key=b"k",
                   timestamp=(1, 1732800000000))
