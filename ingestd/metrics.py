@@ -25,6 +25,8 @@ dispatch_seconds = Histogram("ingestd_dispatch_seconds", "Time to publish one ba
                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                       0.25, 0.5, 1, 2.5, 5))
 commit_failures = Counter("ingestd_commit_failures_total", "Offset commits that failed")
+commits = Counter("ingestd_commits_total",
+                  "Offset commits the workers sent (librdkafka's own periodic ones aside)")
 consumer_lag = Gauge("ingestd_consumer_lag", "Records behind the partition's high watermark",
                      ["topic", "partition"], multiprocess_mode="livemax")
 end_to_end_latency = Histogram(

@@ -8,7 +8,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from ingestd.worker.offsets import Offsets
+from ingestd.worker.offsets import COMMIT_INTERVAL, Offsets
 
 
 class FakeConsumer:
@@ -102,7 +102,7 @@ def test_records_stay_at_risk_until_every_commit_is_confirmed() -> None:
     offsets.store({("t", 1): 20}, records=3)
     assert offsets.at_risk == 7
     offsets.confirmed(None, [tp(0, 10)])
-    assert offsets.at_risk == 7  # partition 1's commit still open: counted until it is not
+    assert offsets.at_risk == 3  # partition 1's batch: counted until its commit is confirmed
     offsets.confirmed(None, [tp(1, 20)])
     assert offsets.at_risk == 0
     offsets.store({("t", 0): 12}, records=2)
@@ -111,3 +111,55 @@ def test_records_stay_at_risk_until_every_commit_is_confirmed() -> None:
     offsets.store({("t", 0): 14}, records=2)
     offsets.confirmed(KafkaError(KafkaError.REQUEST_TIMED_OUT), [])
     assert offsets.at_risk == 2 and offsets.unconfirmed == {("t", 0): 14}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_commits_are_grouped_by_time() -> None:
+    """Batches of a few records 1 ms apart: one commit per COMMIT_INTERVAL, not per batch."""
+    clock, sent = Clock(), []
+    offsets = Offsets(lambda: {("t", 0)}, lambda err: None, lambda: sent.append(1), clock)
+    consumer = offsets.consumer = FakeConsumer()
+    for i in range(50):
+        offsets.store({("t", 0): 10 + i}, records=1)
+        clock.now += 0.001
+    assert len(consumer.stored) == 50
+    assert len(consumer.commits) == len(sent) == 3  # at 0, 20 and 40 ms
+    clock.now += COMMIT_INTERVAL
+    offsets.commit_if_due()  # the loop's tick: a quiet stream's last batches
+    assert len(consumer.commits) == 4
+    offsets.commit_if_due()
+    assert len(consumer.commits) == 4  # nothing new was stored
+
+
+def test_the_crash_bound_commits_at_once_and_waits() -> None:
+    clock = Clock()
+    offsets = Offsets(lambda: {("t", 0)}, lambda err: None, clock=clock)
+    consumer = offsets.consumer = FakeConsumer()
+    offsets.store({("t", 0): 600}, records=600)
+    offsets.store({("t", 0): 900}, records=300)  # not due: no commit of its own
+    assert consumer.commits == [True] and offsets.at_risk == 900
+    assert not offsets.must_wait(100, limit=1000)  # fits: goes out at once
+    assert offsets.must_wait(101, limit=1000) and consumer.commits == [True, True]
+    assert offsets.must_wait(None, limit=1000)  # a stop: every stored offset committed
+    offsets.confirmed(None, [tp(0, 900)])
+    assert not offsets.must_wait(1000, limit=1000) and offsets.at_risk == 0
+
+
+def test_one_confirmation_covers_several_batches_and_only_those() -> None:
+    offsets, _, _ = make({("t", 0), ("t", 1)})
+    offsets.store({("t", 0): 10}, records=10)
+    offsets.store({("t", 0): 20, ("t", 1): 5}, records=15)
+    offsets.store({("t", 1): 9}, records=4)
+    offsets.confirmed(None, [tp(0, 20), tp(1, 5)])  # an older commit of partition 1
+    assert offsets.at_risk == 4 and offsets.unconfirmed == {("t", 1): 9}
+    offsets.confirmed(None, [tp(1, 3)])  # older still: changes nothing
+    assert offsets.at_risk == 4
+    offsets.confirmed(None, [tp(0, 20), tp(1, 9)])
+    assert offsets.at_risk == 0 and offsets.unconfirmed == {}

@@ -434,6 +434,8 @@ def test_a_batch_holds_at_most_batch_size_records_even_after_a_commit_wait() -> 
 def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
     """Were the partition given back, they would go out ahead of the records before them
     (fetched again from the committed offset) and their stored offset would pass those."""
+    from types import SimpleNamespace
+
     from confluent_kafka import Message, TopicPartition
 
     from ingestd import metrics
@@ -448,7 +450,9 @@ def test_records_carried_for_a_revoked_partition_are_dropped() -> None:
     worker.slot, worker.metrics = 0, metrics
     worker.inflight = InFlight()
     worker.offsets = Offsets(lambda: {("t", 0), ("t", 1)}, lambda err: None)
-    worker.offsets.unconfirmed = {("t", 0): 5, ("t", 1): 7}
+    worker.offsets.consumer = SimpleNamespace(store_offsets=lambda offsets: None,
+                                              commit=lambda asynchronous: None)
+    worker.offsets.store({("t", 0): 5, ("t", 1): 7}, records=6)
     worker.feed = Feed(None, Config(), 1000, Quarantine(()),  # type: ignore[arg-type]
                        lambda: False, lambda: False)
     worker.feed.keep([Message(topic="t", partition=p, offset=o, value=b"v")

@@ -106,7 +106,8 @@ class Worker:
                                                    "logger": LIBRDKAFKA_LOG}, config.group_id)
                     if dlq_topic else None)
         self.invalid_log = logs.RateLimited(logs.get("invalid_record"))
-        self.offsets = Offsets(lambda: self.assignment.owned, self.events.commit_failed)
+        self.offsets = Offsets(lambda: self.assignment.owned, self.events.commit_failed,
+                               metrics.commits.inc)
         props = kafka.consumer_config(config, slot)
         props.update(error_cb=self.events.on_error, stats_cb=self.events.on_stats,
                      on_commit=self.offsets.confirmed, logger=LIBRDKAFKA_LOG)
@@ -185,6 +186,7 @@ class Worker:
         self.assignment.refresh()
         self.watch.check()
         self.pauses.check_rate()
+        self.offsets.commit_if_due()  # what a quiet stream stored: within COMMIT_INTERVAL
 
     def decode_and_build(self, messages: list[Message]) -> Batch:
         """The batch of ``messages``: what a batch cannot hold goes back to the feed. While
@@ -267,40 +269,36 @@ class Worker:
         self.offsets.store(batch.offsets, sum(batch.consumed.values()))
 
     def await_commit(self, records: int | None = None) -> None:
-        """Before the next batch (of ``records``; None: none follows) is published: the last
-        batch's commit is confirmed, so that a crash repeats at most one full batch. Under
-        light load batches are small, and the next one goes out at once while it and the
-        records whose commit is still unconfirmed (:attr:`Offsets.at_risk`) fit in
-        ``--batch-size``: a small batch then waits for no commit round trip. The commit
-        was sent before this batch was built and usually is confirmed by now. librdkafka
-        puts commit results ahead of the fetched records, so a consume of one record
-        serves it; what such consumes return is carried into the next batches: up to a
-        batch (in records or bytes) at once, then one record a millisecond, and past two
-        batches (a commit slower than a second, say while the group coordinator moves)
-        the partitions are paused. A commit Kafka refuses is asked for again, however
-        long that takes."""
-        pending, feed = self.offsets.unconfirmed, self.feed
+        """Before the next batch (of ``records``; None: none follows) is published: wait
+        while the crash bound needs a commit confirmed (:meth:`Offsets.must_wait`). The
+        commit usually is confirmed by now. librdkafka puts commit results ahead of the
+        fetched records, so a consume of one record serves it; what such consumes return
+        is carried into the next batches: up to a batch (in records or bytes) at once,
+        then one record a millisecond, and past two batches (a commit slower than a
+        second, say while the group coordinator moves) the partitions are paused. A
+        commit Kafka refuses is asked for again, however long that takes."""
+        offsets, feed = self.offsets, self.feed
         # --batch-size, not the --max-rate cap: the bound on what a crash repeats.
         n, max_size = self.config.batch_size, self.config.max_batch_bytes
-        if pending and records is not None and self.offsets.at_risk + records <= n:
+        if not offsets.must_wait(records, n):
             return
         deadline = time.monotonic() + SLOW
-        carried = size(feed.carry) if pending else 0
-        while (pending and len(feed.carry) < 2 * n and carried < 2 * max_size
+        carried = size(feed.carry)
+        while (offsets.pending and len(feed.carry) < 2 * n and carried < 2 * max_size
                and time.monotonic() < deadline):
             got = self.consumer.consume(1, COMMIT_POLL)
             if got:
                 feed.keep(got)
                 carried += len(got[0])
-            if pending and (len(feed.carry) >= n or carried >= max_size):
+            if offsets.pending and (len(feed.carry) >= n or carried >= max_size):
                 time.sleep(COMMIT_POLL)
-        while pending and not self.pauses.abandoned:
-            if self.pauses.wait(lambda: not pending, COMMIT_AGAIN, "commit", COMMIT_STATUS) \
-                    and pending:
-                self.events.log.warning("offset commit not confirmed for %.0fs (%d records at "
-                                       "risk): committing again, partitions paused",
-                                       COMMIT_AGAIN, self.offsets.at_risk)
-                self.offsets.commit(asynchronous=True)
+        while offsets.pending and not self.pauses.abandoned:
+            if self.pauses.wait(lambda: not offsets.pending, COMMIT_AGAIN, "commit",
+                                COMMIT_STATUS) and offsets.pending:
+                self.events.log.warning("offset commit not confirmed for %.0fs (%d records "
+                                        "at risk): committing again, partitions paused",
+                                        COMMIT_AGAIN, offsets.at_risk)
+                offsets.commit_stored()
 
     # --- partitions coming and going (called inside consume()) --------------
 
