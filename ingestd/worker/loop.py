@@ -41,7 +41,6 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from ingestd import kafka, logs
 from ingestd.celery import dispatch
 from ingestd.config import Config
-from ingestd.dlq import DeadLetterError, DeadLetterProducer
 from ingestd.errors import DispatchError
 from ingestd.heartbeat import REJOIN, REPLACE
 from ingestd.quarantine import Holding, Quarantine, ranges_of
@@ -50,10 +49,10 @@ from ingestd.worker.assignment import Assignment
 from ingestd.worker.backpressure import QueueWatch
 from ingestd.worker.events import KafkaEvents
 from ingestd.worker.feed import Feed
-from ingestd.worker.inflight import InFlight
 from ingestd.worker.offsets import Offsets
 from ingestd.worker.pauses import SLICE, Pauses
-from ingestd.worker.pipeline import Batch, Pipeline, count, size
+from ingestd.worker.pipeline import Batch, Pipeline, size
+from ingestd.worker.publisher import Publisher
 from ingestd.worker.status import Status
 
 log = logs.get("worker")
@@ -100,19 +99,13 @@ class Worker:
         self.refused: tuple[Batch, DispatchError] | None = None  # to publish again
         self.status = Status(beat or (lambda line: None), metrics)
         self.events = KafkaEvents(self.status, metrics, lambda: self.assignment.owned)
-        self.dispatcher = dispatch.create(config)
-        dlq_topic = config.dead_letter_topic
-        self.dlq = (DeadLetterProducer(dlq_topic, {**kafka.producer_config(config),
-                                                   "logger": LIBRDKAFKA_LOG}, config.group_id)
-                    if dlq_topic else None)
-        self.invalid_log = logs.RateLimited(logs.get("invalid_record"))
+        dispatcher = dispatch.create(config)
         self.offsets = Offsets(lambda: self.assignment.owned, self.events.commit_failed,
                                metrics.commits.inc)
         props = kafka.consumer_config(config, slot)
         props.update(error_cb=self.events.on_error, stats_cb=self.events.on_stats,
                      on_commit=self.offsets.confirmed, logger=LIBRDKAFKA_LOG)
         self.consumer = self.offsets.consumer = Consumer(props)
-        self.inflight: InFlight[Batch] = InFlight()
         quarantine = quarantine if quarantine is not None else Quarantine(())
         # --max-rate: the host's bucket (the supervisor's; a worker of its own without one).
         # Without a limit, none: a batch then costs no lock. Its batches are capped.
@@ -121,10 +114,11 @@ class Worker:
         self.feed = Feed(self.consumer, config, batch_size, quarantine,
                          lambda: bool(self.pauses), lambda: self.inflight.busy)
         self.pauses = Pauses(self.consumer, self.feed, self._waited, bucket, metrics)
-        self.pipeline = Pipeline(config, self.dispatcher, quarantine,
-                                 self.events.on_record_error)
+        self.pipeline = Pipeline(config, dispatcher, quarantine, self.events.on_record_error)
         self.assignment = Assignment(self.consumer, config, slot, self)
         self.watch = QueueWatch(config, self.pauses.backpressure, self._broker_state)
+        self.publisher = Publisher(config, slot, dispatcher, self.watch, metrics)
+        self.inflight = self.publisher.inflight
 
     # --- the loop ---------------------------------------------------------
 
@@ -163,9 +157,11 @@ class Worker:
                     batch = self.pipeline.without(batch, self.assignment.owned,
                                                   self.assignment.revision)
                 self.watch.handed_over(len(batch.tasks))
-                self.pauses.take_rate(sum(len(t.raws) for t in batch.tasks))
+                signals = sum(len(t.raws) for t in batch.tasks)
+                self.pauses.take_rate(signals)
                 batch.drop_objects()
-                self.inflight.submit(batch, self.publish)
+                if self.publisher.hand_over(batch, signals):  # published inline
+                    self._collect()
             self.settle()
             if not self.pauses.abandoned:
                 self.await_commit()
@@ -201,26 +197,6 @@ class Worker:
             self.holding.hold([])
         return batch
 
-    def publish(self, batch: Batch) -> None:
-        """On the in-flight thread: dead letters, then tasks; raises DispatchError when
-        either is refused. Nothing here touches the consumer."""
-        unsent = batch.letters if batch.unsent is None else batch.unsent
-        if unsent and self.dlq is not None:
-            try:
-                self.dlq.send(unsent)
-            except DeadLetterError as exc:  # a retry sends only what was not delivered
-                batch.unsent = exc.undelivered
-                raise
-        batch.unsent = []
-        started = time.perf_counter()
-        self.dispatcher.send(batch.messages)
-        # Now, not when this thread's result is collected: a queue depth asked in between
-        # would count the batch twice. (The loop hands a batch over only when this thread
-        # is idle, so the two threads never change the count at once.)
-        self.watch.accepted(len(batch.tasks))
-        self.metrics.dispatch_seconds.observe(time.perf_counter() - started)
-        count(batch, self.config, self.slot, self.invalid_log)
-
     # --- the batch in flight ----------------------------------------------
 
     def settle(self) -> None:
@@ -248,7 +224,7 @@ class Worker:
                 if batch.revision != self.assignment.revision:
                     batch = self.pipeline.without(batch, self.assignment.owned,
                                                   self.assignment.revision)
-                self.inflight.submit(batch, self.publish)
+                self.inflight.submit(batch, self.publisher.publish)
                 wait(lambda: self.inflight.wait(0), float("inf"), "broker", "")
                 self._collect()
         if self.pauses.abandoned and (self.refused or self.inflight.busy):
@@ -390,7 +366,4 @@ class Worker:
             self.consumer.close()
         except KafkaException as exc:
             log.warning("consumer close: %s", exc.args[0].str())
-        if self.dlq is not None:
-            self.dlq.close()
-        self.watch.close()
-        self.dispatcher.close()
+        self.publisher.close()
