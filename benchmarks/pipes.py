@@ -3,14 +3,15 @@ process of its own, so that its CPU is read from ``/proc`` as ingestd's is.
 
     python -m benchmarks.pipes raw TOPIC BROKER_URL [--records N]
     python -m benchmarks.pipes old TOPIC BROKER_URL [--records N]
-    python -m benchmarks.pipes produce TOPIC --rate R --seconds S
+    python -m benchmarks.pipes produce TOPIC --rate R --seconds S [--linger-ms L]
 
 - ``raw``: the raw pipe. ingestd's own consumer settings, natural batching (what
   librdkafka has fetched, else block for the first record), and one multi-value
   LPUSH of the records' bytes per batch: no decoding, no Celery format.
 - ``old``: the old script's loop: one ``send_task`` per message after ``json.loads``.
-- ``produce``: signals at a fixed rate, ``linger.ms=1``; each carries its send time
-  (``sent``, epoch seconds) for the latency benchmark.
+- ``produce``: signals at a fixed rate, with ``linger.ms`` ``--linger-ms`` (1); each
+  carries its send time (``sent``, epoch seconds) for the latency benchmark. With 0,
+  each record goes as a request of its own, as low-latency producers send them.
 
 ``raw`` and ``old`` consume from a group of their own and stop after ``--records``
 (0: run until killed).
@@ -101,8 +102,9 @@ def sent_of(value: bytes) -> float:
     return float(orjson.loads(value)["sent"])
 
 
-def produce(topic: str, rate: int, seconds: float, bootstrap: str) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": LINGER_MS, "acks": 1})
+def produce(topic: str, rate: int, seconds: float, bootstrap: str,
+            linger_ms: float = LINGER_MS) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "acks": 1})
     p.list_topics(topic, timeout=10)  # connected, with the topic's leaders, before the clock
     start, i, n = time.time(), 0, int(rate * seconds)
     while i < n:
@@ -133,10 +135,11 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=0)
     parser.add_argument("--rate", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--linger-ms", type=float, default=LINGER_MS)
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     a = parser.parse_args()
     if a.pipe == "produce":
-        produce(a.topic, a.rate, a.seconds, a.bootstrap_servers)
+        produce(a.topic, a.rate, a.seconds, a.bootstrap_servers, a.linger_ms)
     else:
         {"raw": raw, "old": old}[a.pipe](a.topic, a.broker_url, a.records, a.bootstrap_servers)
 

@@ -26,11 +26,9 @@ THROUGHPUT = [
     ("test_ingestd[each-2]", "ingestd `--workers 2 --dispatch each`"),
     ("test_ingestd[batch-1]", "ingestd `--workers 1 --dispatch batch`"),
 ]
-LATENCY = [
-    ("test_latency_raw_pipe", "raw pipe, natural batching"),
-    ("test_latency_ingestd[1]", "ingestd `--workers 1`"),
-    ("test_latency_ingestd[2]", "ingestd `--workers 2`"),
-]
+# (pipeline, workers) of a latency benchmark, and its label.
+LATENCY = {("raw pipe", 1): "raw pipe, natural batching", ("ingestd", 1): "ingestd `--workers 1`",
+           ("ingestd", 2): "ingestd `--workers 2`"}
 # The micro benchmark of ingestd's own step in each group, for the CPU profile.
 STEPS = [
     ("test_decode_validate[a2-ingestd-Validator.check typed (each mode, no dict)]",
@@ -87,14 +85,27 @@ def throughput_table(data: dict[str, Any]) -> str:
 
 
 def latency_table(data: dict[str, Any]) -> str:
-    found = _by_name(data)
-    lines = ["| pipeline | rate | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|"]
-    for prefix, label in LATENCY:
-        info = _find(found, prefix)
-        if info is not None:
-            lines.append(f"| {label} | {info['rate']:,}/s | {info['p50_ms']:.1f} ms | "
+    """By rate and producer: the raw pipe, then ingestd, with ingestd's p50 and p90 as a
+    multiple of the raw pipe's in the same run."""
+    runs: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        key = (info.get("pipeline"), info.get("workers"))
+        if b["name"].startswith("test_latency") and key in LATENCY:
+            runs.setdefault((info["rate"], info.get("linger_ms", 1)), {})[LATENCY[key]] = info
+    lines = ["| rate | producer's linger.ms | pipeline | p50 | p90 | p99 | max | p50, p90 "
+             "vs raw |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for (rate, linger), by_label in sorted(runs.items()):
+        raw = by_label.get(LATENCY[("raw pipe", 1)])
+        for label in LATENCY.values():
+            info = by_label.get(label)
+            if info is None:
+                continue
+            ratio = (f"{info['p50_ms'] / raw['p50_ms']:.1f}x, {info['p90_ms'] / raw['p90_ms']:.1f}x"
+                     if raw and info is not raw else "")
+            lines.append(f"| {rate:,}/s | {linger} | {label} | {info['p50_ms']:.1f} ms | "
                          f"{info['p90_ms']:.1f} ms | {info['p99_ms']:.1f} ms | "
-                         f"{info['max_ms']:.0f} ms |")
+                         f"{info['max_ms']:.0f} ms | {ratio} |")
     return "\n".join(lines)
 
 
@@ -228,9 +239,10 @@ def markdown(data: dict[str, Any], source: Path, has_chart: bool) -> str:
     parts += [
         "## Latency at a fixed rate",
         "",
-        "A producer on the same machine (`linger.ms=1`) sends signals at a fixed rate, each "
-        "carrying its send time; a reader pops the Celery queue as it fills. From send to "
-        "arrival in the queue:",
+        "A producer on the same machine sends signals at a fixed rate, each carrying its send "
+        "time: with `linger.ms=0` (a produce request per record, as low-latency producers "
+        "send) and with `linger.ms=5`. A reader pops the Celery queue as it fills. From send "
+        "to arrival in the queue, ingestd beside the raw pipe of the same run:",
         "",
         latency_table(data),
         "",

@@ -1,14 +1,15 @@
 """Latency at a fixed produce rate: a signal's send time to its arrival in the Celery
 queue, for ingestd and for the raw pipe with natural batching, in the same run.
 
-A producer process (:mod:`benchmarks.pipes`, ``linger.ms=1``) sends ``RATE``
-signals/s for ``SECONDS`` into an empty 4-partition topic, each carrying its send
-time. A reader pops the Redis queue as it fills and notes when each signal came.
-The first second of signals is sent but not measured (connections, fetch sessions).
-Each pipeline starts first and is warmed up: a signal has gone through it before
-the measured ones are sent. Before the first pipeline, signals at the same rate go
-through a raw pipe for a few seconds: the stack warms up too. Reported: p50, p90, p99
-and max, in milliseconds.
+At each rate of ``RATES`` (1,000, 10,000 and 50,000 a second) and each producer of
+``LINGERS`` (``linger.ms=0``, a request per record, as low-latency producers send;
+and ``linger.ms=5``), a producer process (:mod:`benchmarks.pipes`) sends signals for
+``SECONDS`` into an empty 4-partition topic, each carrying its send time. A reader
+pops the Redis queue as it fills and notes when each signal came. The first second
+of signals is sent but not measured (connections, fetch sessions). Each pipeline
+starts first and is warmed up: a signal has gone through it before the measured ones
+are sent. Before the first pipeline, signals go through a raw pipe for a few
+seconds: the stack warms up too. Reported: p50, p90, p99 and max, in milliseconds.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from benchmarks import pipes
 from ingestd.tools import checker
 from tests import stack
 
-RATE = int(os.environ.get("INGESTD_BENCH_RATE", "10000"))
+RATES = [int(r) for r in os.environ.get("INGESTD_BENCH_RATES", "1000,10000,50000").split(",")]
+LINGERS = [int(x) for x in os.environ.get("INGESTD_BENCH_LINGERS", "0,5").split(",")]
+CASES = [(rate, linger) for rate in RATES for linger in LINGERS]
 SECONDS = float(os.environ.get("INGESTD_BENCH_SECONDS", "10"))
+WARM_RATE = 10_000
 WARMUP = 1.0  # seconds sent first and not measured: connections, fetch sessions
 PARTITIONS = 4
 
@@ -40,14 +44,14 @@ pytestmark = [pytest.mark.stack, pytest.mark.benchmark(group="latency")]
 
 @pytest.fixture(scope="module", autouse=True)
 def warm_stack() -> None:
-    """Signals at ``RATE`` through a raw pipe for a few seconds before anything is measured.
+    """Signals through a raw pipe for a few seconds before anything is measured.
     On a stack just started, the first pipeline measured paid for the broker's warm-up
     (its JIT, on the paths of small produce and fetch requests): p90 twice what the same
     pipeline measured right after."""
     topic = stack.create_topic(PARTITIONS, prefix="latency-warm")
     db = stack.fresh_redis_db()
     raw = pipes.spawn("raw", topic, stack.redis_url(db), bootstrap=stack.BOOTSTRAP)
-    producer = pipes.spawn("produce", topic, "--rate", str(RATE), "--seconds",
+    producer = pipes.spawn("produce", topic, "--rate", str(WARM_RATE), "--seconds",
                            str(WARM_SECONDS), bootstrap=stack.BOOTSTRAP)
     try:
         assert producer.wait(WARM_SECONDS + 60) == 0
@@ -68,15 +72,16 @@ def _sent_in_task(envelope: bytes) -> float:
 
 
 def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], None]],
-                    sent: Callable[[bytes], float]) -> None:
-    """``start(topic, broker_url)`` starts a pipeline and returns how to stop it."""
+                    sent: Callable[[bytes], float], rate: int, linger: int) -> None:
+    """``start(topic, broker_url)`` starts a pipeline and returns how to stop it; the
+    producer sends ``rate`` signals a second with ``linger.ms`` ``linger``."""
     topic = stack.create_topic(PARTITIONS, prefix="latency")
     db = stack.fresh_redis_db()
     url = stack.redis_url(db)
     client = redis.Redis.from_url(url)
     stop = start(topic, url)
     arrivals: list[tuple[float, float]] = []  # (sent, arrived)
-    sends, expected = int(RATE * (WARMUP + SECONDS)), int(RATE * SECONDS)
+    sends, expected = int(rate * (WARMUP + SECONDS)), int(rate * SECONDS)
     try:
         for p in range(PARTITIONS):  # through every partition's owner
             stack.produce(topic, [pipes.signal(-1, time.time())], partition=p)
@@ -85,8 +90,9 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
         client.delete("celery")
 
         def run() -> None:
-            producer = pipes.spawn("produce", topic, "--rate", str(RATE), "--seconds",
-                                   str(WARMUP + SECONDS), bootstrap=stack.BOOTSTRAP)
+            producer = pipes.spawn("produce", topic, "--rate", str(rate), "--seconds",
+                                   str(WARMUP + SECONDS), "--linger-ms", str(linger),
+                                   bootstrap=stack.BOOTSTRAP)
             deadline = time.monotonic() + WARMUP + SECONDS + 60
             while len(arrivals) < sends and time.monotonic() < deadline:
                 got = cast("list[bytes]", client.rpop("celery", 1000) or [])
@@ -107,16 +113,19 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
     assert len(arrivals) == sends
     first = min(s for s, _ in arrivals)
     latencies = [a - s for s, a in arrivals if s >= first + WARMUP]
-    assert abs(len(latencies) - expected) <= RATE * 0.05  # the producer's pacing
+    assert abs(len(latencies) - expected) <= rate * 0.05  # the producer's pacing
     p50, p90, p99 = checker.percentiles(latencies, 50, 90, 99)
-    benchmark.extra_info.update(rate=RATE, seconds=SECONDS, records=len(latencies),
+    benchmark.extra_info.update(rate=rate, linger_ms=linger, seconds=SECONDS,
+                                records=len(latencies),
                                 p50_ms=round(p50 * 1000, 2), p90_ms=round(p90 * 1000, 2),
                                 p99_ms=round(p99 * 1000, 2),
                                 max_ms=round(max(latencies) * 1000, 2))
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_latency_ingestd(benchmark: Any, workers: int) -> None:
+@pytest.mark.parametrize(("rate", "linger", "workers"),
+                         [(*case, 1) for case in CASES]
+                         + [(RATES[len(RATES) // 2], LINGERS[0], 2)])
+def test_latency_ingestd(benchmark: Any, rate: int, linger: int, workers: int) -> None:
     def start(topic: str, url: str) -> Callable[[], None]:
         group, port = f"latency-{uuid.uuid4().hex[:8]}", stack.free_port()
         ingestd = stack.Ingestd(*stack.ingestd_args(topic, group, url), "--workers",
@@ -134,11 +143,12 @@ def test_latency_ingestd(benchmark: Any, workers: int) -> None:
                 ingestd.stop()
         return stop
 
-    measure_latency(benchmark, start, _sent_in_task)
-    benchmark.extra_info["workers"] = workers
+    measure_latency(benchmark, start, _sent_in_task, rate, linger)
+    benchmark.extra_info.update(pipeline="ingestd", workers=workers)
 
 
-def test_latency_raw_pipe(benchmark: Any) -> None:
+@pytest.mark.parametrize(("rate", "linger"), CASES)
+def test_latency_raw_pipe(benchmark: Any, rate: int, linger: int) -> None:
     def start(topic: str, url: str) -> Callable[[], None]:
         proc = pipes.spawn("raw", topic, url, bootstrap=stack.BOOTSTRAP)
 
@@ -147,4 +157,5 @@ def test_latency_raw_pipe(benchmark: Any) -> None:
             proc.wait()
         return stop
 
-    measure_latency(benchmark, start, pipes.sent_of)
+    measure_latency(benchmark, start, pipes.sent_of, rate, linger)
+    benchmark.extra_info.update(pipeline="raw pipe", workers=1)

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.stack
 def test_the_harness_counts_every_signal_and_writes_a_results_file(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     env = {**os.environ, "INGESTD_BENCH_RECORDS": "2000", "INGESTD_BENCH_BASELINE_RECORDS": "300",
-           "INGESTD_BENCH_RATE": "500", "INGESTD_BENCH_SECONDS": "2"}
+           "INGESTD_BENCH_RATES": "500", "INGESTD_BENCH_LINGERS": "0",
+           "INGESTD_BENCH_SECONDS": "2"}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/test_end_to_end.py",
          "benchmarks/test_latency.py", "-p", "no:cacheprovider", "-q", "--benchmark-enable",
@@ -31,8 +32,8 @@ def test_the_harness_counts_every_signal_and_writes_a_results_file(tmp_path: Pat
     info = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
     assert set(info) == {"test_ingestd[each-1]", "test_ingestd[each-2]", "test_ingestd[batch-1]",
                          "test_alternative[old-300]", "test_alternative[raw-2000]",
-                         "test_latency_ingestd[1]", "test_latency_ingestd[2]",
-                         "test_latency_raw_pipe"}
+                         "test_latency_ingestd[500-0-1]", "test_latency_ingestd[500-0-2]",
+                         "test_latency_raw_pipe[500-0]"}
     for name, extra in info.items():
         if name.startswith("test_latency"):
             assert abs(extra["records"] - 1000) <= 25  # 2 s at 500/s, after the warm-up
@@ -42,7 +43,7 @@ def test_the_harness_counts_every_signal_and_writes_a_results_file(tmp_path: Pat
             assert extra["signals_per_s"] > 0 and extra["cpu_us_per_signal"] > 0
             assert extra["peak_rss_mb"] > 0
     text = report.markdown(data, results, has_chart=False)
-    for _, label in report.THROUGHPUT + report.LATENCY:
+    for label in [label for _, label in report.THROUGHPUT] + list(report.LATENCY.values()):
         assert f"| {label} |" in text
     assert report.chart(data, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
