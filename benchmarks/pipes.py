@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -43,12 +44,25 @@ LINGER_MS = 1
 
 
 def consumer(topic: str, bootstrap: str) -> Consumer:
-    """The consumer ingestd itself would build, in a group of its own."""
+    """The consumer ingestd itself would build, in a group of its own. With
+    ``INGESTD_BENCH_REQUESTS`` set to a path, the requests it has sent to the brokers
+    (librdkafka's statistics, every second) are written there."""
     config = Config(topic=(topic,), bootstrap_servers=bootstrap,
                     group_id=f"bench-{uuid.uuid4().hex[:8]}")
-    c = Consumer(kafka.consumer_config(config, 0))
+    props = kafka.consumer_config(config, 0)
+    path = os.environ.get("INGESTD_BENCH_REQUESTS")
+    if path:
+        props.update({"statistics.interval.ms": 1000,
+                      "stats_cb": lambda stats: Path(path).write_text(str(requests(stats)))})
+    c = Consumer(props)
     c.subscribe([topic])
     return c
+
+
+def requests(stats_json: str) -> int:
+    """Requests sent to every broker, from librdkafka's statistics."""
+    brokers = orjson.loads(stats_json).get("brokers", {}).values()
+    return sum(sum(b.get("req", {}).values()) for b in brokers)
 
 
 def natural_batch(c: Consumer) -> list[bytes]:

@@ -94,7 +94,7 @@ def latency_table(data: dict[str, Any]) -> str:
         if b["name"].startswith("test_latency") and key in LATENCY:
             runs.setdefault((info["rate"], info.get("linger_ms", 1)), {})[LATENCY[key]] = info
     lines = ["| rate | producer's linger.ms | pipeline | p50 | p90 | p99 | max | p50, p90 "
-             "vs raw |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "vs raw | its Kafka requests/s |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (rate, linger), by_label in sorted(runs.items()):
         raw = by_label.get(LATENCY[("raw pipe", 1)])
         for label in LATENCY.values():
@@ -105,7 +105,8 @@ def latency_table(data: dict[str, Any]) -> str:
                      if raw and info is not raw else "")
             lines.append(f"| {rate:,}/s | {linger} | {label} | {info['p50_ms']:.1f} ms | "
                          f"{info['p90_ms']:.1f} ms | {info['p99_ms']:.1f} ms | "
-                         f"{info['max_ms']:.0f} ms | {ratio} |")
+                         f"{info['max_ms']:.0f} ms | {ratio} | "
+                         f"{info.get('kafka_requests_per_s', '')} |")
     return "\n".join(lines)
 
 
@@ -242,7 +243,9 @@ def markdown(data: dict[str, Any], source: Path, has_chart: bool) -> str:
         "A producer on the same machine sends signals at a fixed rate, each carrying its send "
         "time: with `linger.ms=0` (a produce request per record, as low-latency producers "
         "send) and with `linger.ms=5`. A reader pops the Celery queue as it fills. From send "
-        "to arrival in the queue, ingestd beside the raw pipe of the same run:",
+        "to arrival in the queue, ingestd beside the raw pipe of the same run. The last "
+        "column: the requests the pipeline's own consumers sent to Kafka a second (fetches, "
+        "heartbeats, commits), from librdkafka's statistics:",
         "",
         latency_table(data),
         "",

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
+from unittest.mock import patch
 
 import orjson
 import pytest
@@ -35,6 +39,7 @@ LINGERS = [int(x) for x in os.environ.get("INGESTD_BENCH_LINGERS", "0,5").split(
 CASES = [(rate, linger) for rate in RATES for linger in LINGERS]
 SECONDS = float(os.environ.get("INGESTD_BENCH_SECONDS", "10"))
 WARM_RATE = 10_000
+STATS_INTERVAL = 1.0  # librdkafka's statistics of the pipelines' consumers, every second
 WARMUP = 1.0  # seconds sent first and not measured: connections, fetch sessions
 PARTITIONS = 4
 
@@ -71,15 +76,20 @@ def _sent_in_task(envelope: bytes) -> float:
     return float(args[0]["sent"])
 
 
-def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], None]],
+Started = tuple[Callable[[], None], Callable[[], float]]  # how to stop it; its Kafka requests
+
+
+def measure_latency(benchmark: Any, start: Callable[[str, str], Started],
                     sent: Callable[[bytes], float], rate: int, linger: int) -> None:
-    """``start(topic, broker_url)`` starts a pipeline and returns how to stop it; the
-    producer sends ``rate`` signals a second with ``linger.ms`` ``linger``."""
+    """``start(topic, broker_url)`` starts a pipeline and returns how to stop it and how
+    many requests it has sent to Kafka; the producer sends ``rate`` signals a second with
+    ``linger.ms`` ``linger``."""
     topic = stack.create_topic(PARTITIONS, prefix="latency")
     db = stack.fresh_redis_db()
     url = stack.redis_url(db)
     client = redis.Redis.from_url(url)
-    stop = start(topic, url)
+    stop, requests = start(topic, url)
+    window: list[tuple[float, float]] = []  # (time, requests) at the start and the end
     arrivals: list[tuple[float, float]] = []  # (sent, arrived)
     sends, expected = int(rate * (WARMUP + SECONDS)), int(rate * SECONDS)
     try:
@@ -90,6 +100,7 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
         client.delete("celery")
 
         def run() -> None:
+            window.append((time.monotonic(), requests()))
             producer = pipes.spawn("produce", topic, "--rate", str(rate), "--seconds",
                                    str(WARMUP + SECONDS), "--linger-ms", str(linger),
                                    bootstrap=stack.BOOTSTRAP)
@@ -102,6 +113,8 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
                     continue
                 arrivals.extend((sent(v), now) for v in got)
             assert producer.wait(30) == 0
+            time.sleep(STATS_INTERVAL)  # the last second's statistics
+            window.append((time.monotonic(), requests()))
 
 
         benchmark.pedantic(run, rounds=1, iterations=1)
@@ -115,7 +128,10 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
     latencies = [a - s for s, a in arrivals if s >= first + WARMUP]
     assert abs(len(latencies) - expected) <= rate * 0.05  # the producer's pacing
     p50, p90, p99 = checker.percentiles(latencies, 50, 90, 99)
+    (began, first_count), (ended, last_count) = window
     benchmark.extra_info.update(rate=rate, linger_ms=linger, seconds=SECONDS,
+                                kafka_requests_per_s=round((last_count - first_count)
+                                                           / (ended - began)),
                                 records=len(latencies),
                                 p50_ms=round(p50 * 1000, 2), p90_ms=round(p90 * 1000, 2),
                                 p99_ms=round(p99 * 1000, 2),
@@ -126,10 +142,11 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Callable[[], Non
                          [(*case, 1) for case in CASES]
                          + [(RATES[len(RATES) // 2], LINGERS[0], 2)])
 def test_latency_ingestd(benchmark: Any, rate: int, linger: int, workers: int) -> None:
-    def start(topic: str, url: str) -> Callable[[], None]:
+    def start(topic: str, url: str) -> Started:
         group, port = f"latency-{uuid.uuid4().hex[:8]}", stack.free_port()
         ingestd = stack.Ingestd(*stack.ingestd_args(topic, group, url), "--workers",
                                 str(workers), "--metrics-addr", f"127.0.0.1:{port}",
+                                "-X", f"statistics.interval.ms={int(STATS_INTERVAL * 1000)}",
                                 env={"INGESTD_LOG_LEVEL": "WARNING"}).start()
         # Every worker assigned and every partition owned: no rebalance while measured.
         assert stack.wait_until(
@@ -141,7 +158,12 @@ def test_latency_ingestd(benchmark: Any, rate: int, linger: int, workers: int) -
                 ingestd.wait(60)
             finally:
                 ingestd.stop()
-        return stop
+
+        def requests() -> float:
+            _, body = stack.http_get(f"http://127.0.0.1:{port}/metrics")
+            return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                       if line.startswith("ingestd_kafka_requests_total{"))
+        return stop, requests
 
     measure_latency(benchmark, start, _sent_in_task, rate, linger)
     benchmark.extra_info.update(pipeline="ingestd", workers=workers)
@@ -149,13 +171,19 @@ def test_latency_ingestd(benchmark: Any, rate: int, linger: int, workers: int) -
 
 @pytest.mark.parametrize(("rate", "linger"), CASES)
 def test_latency_raw_pipe(benchmark: Any, rate: int, linger: int) -> None:
-    def start(topic: str, url: str) -> Callable[[], None]:
-        proc = pipes.spawn("raw", topic, url, bootstrap=stack.BOOTSTRAP)
+    def start(topic: str, url: str) -> Started:
+        counted = Path(tempfile.mkdtemp()) / "requests"
+        with patch.dict(os.environ, {"INGESTD_BENCH_REQUESTS": str(counted)}):
+            proc = pipes.spawn("raw", topic, url, bootstrap=stack.BOOTSTRAP)
 
         def stop() -> None:
             proc.kill()
             proc.wait()
-        return stop
+            shutil.rmtree(counted.parent, ignore_errors=True)
+
+        def requests() -> float:
+            return float(counted.read_text()) if counted.exists() else 0.0
+        return stop, requests
 
     measure_latency(benchmark, start, pipes.sent_of, rate, linger)
     benchmark.extra_info.update(pipeline="raw pipe", workers=1)

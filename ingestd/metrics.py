@@ -27,6 +27,9 @@ dispatch_seconds = Histogram("ingestd_dispatch_seconds", "Time to publish one ba
 commit_failures = Counter("ingestd_commit_failures_total", "Offset commits that failed")
 commits = Counter("ingestd_commits_total",
                   "Offset commits the workers sent (librdkafka's own periodic ones aside)")
+kafka_requests = Counter("ingestd_kafka_requests_total",
+                         "Requests the workers' consumers sent to the Kafka brokers, by type, "
+                         "from librdkafka's statistics", ["request"])
 consumer_lag = Gauge("ingestd_consumer_lag", "Records behind the partition's high watermark",
                      ["topic", "partition"], multiprocess_mode="livemax")
 end_to_end_latency = Histogram(

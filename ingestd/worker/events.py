@@ -32,6 +32,7 @@ class KafkaEvents:
         self.owned = owned
         self.log = logs.RateLimited(logs.get("kafka"))
         self.fatal: KafkaError | None = None
+        self.requests: dict[str, int] = {}  # librdkafka's totals at its last report
 
     def check(self) -> None:
         """Raise a fatal error librdkafka reported: the worker exits, and a fresh one
@@ -61,7 +62,9 @@ class KafkaEvents:
         self.log.warning("offsets not stored or committed: %s", err.str())
 
     def on_stats(self, stats_json: str) -> None:
+        """The lag of every owned partition, and the requests sent since the last report."""
         stats: dict[str, Any] = orjson.loads(stats_json)
+        self._count_requests(stats)
         gauge, owned = self.metrics.consumer_lag, self.owned()
         for topic, tdata in stats.get("topics", {}).items():
             for pid, pdata in tdata.get("partitions", {}).items():
@@ -71,6 +74,19 @@ class KafkaEvents:
                 if (pid != "-1" and lag >= 0 and pdata.get("fetch_state") == "active"
                         and (topic, int(pid)) in owned):
                     gauge.labels(topic, pid).set(lag)
+
+
+    def _count_requests(self, stats: dict[str, Any]) -> None:
+        totals: dict[str, int] = {}
+        for broker in stats.get("brokers", {}).values():
+            for request, n in broker.get("req", {}).items():
+                if n:
+                    totals[request] = totals.get(request, 0) + n
+        counter = self.metrics.kafka_requests
+        for request, n in totals.items():
+            if n > self.requests.get(request, 0):
+                counter.labels(request).inc(n - self.requests.get(request, 0))
+        self.requests = totals
 
 
 def _fatal(err: KafkaError) -> bool:
