@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
 from ingestd import dlq
 from ingestd.celery import reference_tasks
@@ -538,3 +538,46 @@ def test_celerys_own_environment_does_not_move_the_tasks(topic_factory: Callable
         wait_queue(broker_url, 5)
         ingestd.signal(signal.SIGTERM)
         assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
+
+
+def _metric_sum(port: int, name: str) -> float:
+    _, body = stack.http_get(f"http://127.0.0.1:{port}/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line.startswith((f"{name} ", f"{name}{{")))
+
+
+def test_commits_are_grouped_at_any_load(topic_factory: Callable[..., str],
+                                         broker_url: str) -> None:
+    """A steady trickle in batches of a few records: at most one commit per 20 ms. A
+    backlog of full batches: about one commit a batch, the crash bound's."""
+    topic = topic_factory(partitions=2)
+    g, port = stack.group(), stack.free_port()
+    args = stack.ingestd_args(topic, g, broker_url)
+    args[args.index("--metrics-addr") + 1] = f"127.0.0.1:{port}"
+    with stack.Ingestd(*args) as ingestd:
+        assert stack.wait_until(lambda: "assigned" in ingestd.output(), 60)
+        began, before = time.monotonic(), _metric_sum(port, "ingestd_commits_total")
+        producer = Producer({"bootstrap.servers": stack.BOOTSTRAP, "linger.ms": 0})
+        for i in range(4000):  # a record every 0.5 ms or so, each a request of its own
+            producer.produce(topic, stack.signal_record(i), partition=i % 2)
+            producer.poll(0)
+            time.sleep(0.0005)
+        assert producer.flush(30) == 0
+        wait_queue(broker_url, 4000)
+        commits = _metric_sum(port, "ingestd_commits_total") - before
+        batches = _metric_sum(port, "ingestd_batch_size_count")
+        assert commits <= (time.monotonic() - began) / 0.02 + 2, (commits, batches)
+        assert batches >= 2 * commits, (commits, batches)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    backlog = topic_factory(partitions=1)
+    stack.produce(backlog, [stack.signal_record(i) for i in range(20_000)], partition=0)
+    args = stack.ingestd_args(backlog, stack.group(), broker_url, "--batch-size", "1000")
+    args[args.index("--metrics-addr") + 1] = f"127.0.0.1:{port}"
+    with stack.Ingestd(*args) as ingestd:
+        wait_queue(broker_url, 24_000)
+        batches = _metric_sum(port, "ingestd_batch_size_count")
+        commits = _metric_sum(port, "ingestd_commits_total")
+        assert batches >= 20 and commits <= batches + 2, (commits, batches)
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
