@@ -46,7 +46,7 @@ def test_partitions_without_an_owner_are_counted_at_once_and_told_after_the_grac
         caplog: pytest.LogCaptureFixture) -> None:
     w, clock, answer = watcher
     answer["t"] = [0, 1]
-    with caplog.at_level(logging.INFO, logger="ingestd.supervisor.owners"):
+    with caplog.at_level(logging.INFO, logger="ingestd.owners"):
         w.check()
         assert gauge("t") == 2 and w.status == READY  # a rebalance may be moving them
         clock.now += owners.GRACE - 1
