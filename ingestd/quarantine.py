@@ -10,8 +10,9 @@ death while it waits (for the Celery broker, for Kafka) says nothing about the
 records, say an operator's ``kill -9`` during an outage. When a worker dies (a
 signal, an exception ingestd did not expect, or a kill because it stopped
 beating), the supervisor reads that file. What a death held is suspected: the
-next workers take those records one at a time, each alone in its batch, so a
-second death names the one record it died on. Records that two deaths held
+next workers take those records one at a time, each alone in its batch and
+published only once everything before it is committed, so a second death names the
+one record it died on and repeats at most the one before it. Records that two deaths held
 both are quarantined: every worker started after that dead-letters them as
 ``internal`` without decoding them.
 

@@ -79,14 +79,16 @@ def test_what_one_death_held_is_suspected_and_taken_one_record_at_a_time() -> No
                 lambda: False, lambda: False)
 
     def next_batch(consumed: list[Message]) -> list[int]:  # as next() hands the carry on
-        feed.carry = []
+        feed.carry, feed.suspect = [], False
         return [m.offset() for m in feed._alone(consumed)]
 
     assert next_batch(_msgs(*(("t", 0, o) for o in range(5, 25)))) == list(range(5, 10))
-    assert next_batch(feed.carry) == [10]
-    assert next_batch(feed.carry) == [11]
+    assert not feed.suspect
+    assert next_batch(feed.carry) == [10] and feed.suspect  # published once 5-9 are committed
+    assert next_batch(feed.carry) == [11] and feed.suspect
     assert [m.offset() for m in feed.carry] == list(range(12, 25))
     assert next_batch(_msgs(("t", 0, 20), ("t", 1, 12))) == [20, 12]
+    assert not feed.suspect
     # The second death, on one record alone: that record is quarantined, and only it.
     assert suspects.died_holding([Range("t", 0, 15, 15)]) == [Range("t", 0, 15, 15)]
     quarantine = suspects.quarantine()

@@ -31,13 +31,16 @@ class Feed:
         self.paused = paused
         self.busy = busy
         self.carry: list[Message] = []  # consumed already: the next batches'
+        self.suspect = False  # the last batch handed on is a suspected record, alone
 
     def next(self) -> list[Message]:
         """The next batch: what was carried over, then what Kafka has, up to the batch size
         (the pipeline cuts it at ``--max-batch-bytes``). While the partitions are paused
         (backpressure, the rate limit, ...) nothing is handed on: what was carried waits
-        with them. A record a dead worker held goes alone (see :mod:`ingestd.quarantine`)."""
+        with them. A record a dead worker held goes alone (see :mod:`ingestd.quarantine`),
+        and :attr:`suspect` says so."""
         messages = self._take()
+        self.suspect = False
         return self._alone(messages) if self.quarantine.suspected and messages else messages
 
     def keep(self, messages: list[Message]) -> None:
@@ -61,6 +64,7 @@ class Feed:
             where = msg.topic(), msg.partition(), msg.offset()
             if msg.error() is None and suspects(*where):  # type: ignore[arg-type]
                 cut = max(i, 1)
+                self.suspect = i == 0
                 self.put_back(messages[cut:])
                 return messages[:cut]
         return messages

@@ -150,7 +150,7 @@ class Worker:
                 self.settle()
                 if self.pauses.abandoned:
                     break
-                self.await_commit(sum(batch.consumed.values()))
+                self.await_commit(sum(batch.consumed.values()), self.feed.suspect)
                 if self.pauses.abandoned:
                     break
                 if batch.revision != self.assignment.revision:
@@ -244,9 +244,11 @@ class Worker:
         self.status.refused(None)
         self.offsets.store(batch.offsets, sum(batch.consumed.values()))
 
-    def await_commit(self, records: int | None = None) -> None:
+    def await_commit(self, records: int | None = None, suspect: bool = False) -> None:
         """Before the next batch (of ``records``; None: none follows) is published: wait
-        while the crash bound needs a commit confirmed (:meth:`Offsets.must_wait`). The
+        while the crash bound needs a commit confirmed (:meth:`Offsets.must_wait`). A
+        suspected record, alone (see :mod:`ingestd.quarantine`), waits until everything
+        before it is confirmed: the death it may cause repeats only the record before it. The
         commit usually is confirmed by now. librdkafka puts commit results ahead of the
         fetched records, so a consume of one record serves it; what such consumes return
         is carried into the next batches: up to a batch (in records or bytes) at once,
@@ -256,7 +258,7 @@ class Worker:
         offsets, feed = self.offsets, self.feed
         # --batch-size, not the --max-rate cap: the bound on what a crash repeats.
         n, max_size = self.config.batch_size, self.config.max_batch_bytes
-        if not offsets.must_wait(records, n):
+        if not offsets.must_wait(records, 1 if suspect else n):
             return
         deadline = time.monotonic() + SLOW
         carried = size(feed.carry)
