@@ -12,7 +12,7 @@ import pytest
 
 from ingestd.tools.status import Reading, render, snapshot
 from tests import stack
-from tests.test_cli import INVALID, MAX_RECORD_BYTES, Ingestd, run_cli, sample, scrape
+from tests.test_cli import INVALID, MAX_RECORD_BYTES, Ingestd, Samples, run_cli, sample, scrape
 
 pytestmark = pytest.mark.stack
 
@@ -57,6 +57,9 @@ def test_status_agrees_with_metrics_while_two_workers_run(
         # The ownership watcher looks every 5 s: it may have seen the group's first rebalance.
         assert stack.wait_until(lambda: sample(scrape(base), "ingestd_unowned_partitions",
                                                topic=topic) == 0, 30)
+        # The lag comes with librdkafka's statistics, every 5 s: the last may predate the
+        # last commit.
+        assert stack.wait_until(lambda: lag(scrape(base), topic) == 0, 30)
         metrics = scrape(base)
         result = run_cli("status", "--url", base, "--json")
         assert result.returncode == 0, result.stderr
@@ -136,3 +139,9 @@ def test_snapshot_rates_partitions_and_lag_per_worker() -> None:
     text = render(status, "http://h:1")
     assert text.splitlines()[0] == "ingestd at http://h:1: NOT READY (1: not running)"
     assert "t[1]" in text
+
+
+def lag(samples: Samples, topic: str) -> float:
+    """The lag the workers report, over the topic's partitions."""
+    return sum(value for (name, labels), value in samples.items()
+               if name == "ingestd_consumer_lag" and ("topic", topic) in labels)
