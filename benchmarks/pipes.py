@@ -4,6 +4,7 @@ process of its own, so that its CPU is read from ``/proc`` as ingestd's is.
     python -m benchmarks.pipes raw TOPIC BROKER_URL [--records N]
     python -m benchmarks.pipes old TOPIC BROKER_URL [--records N]
     python -m benchmarks.pipes produce TOPIC --rate R --seconds S [--linger-ms L]
+                                            [--acks-to PATH]
 
 - ``raw``: the raw pipe. ingestd's own consumer settings, natural batching (what
   librdkafka has fetched, else block for the first record), and one multi-value
@@ -11,7 +12,8 @@ process of its own, so that its CPU is read from ``/proc`` as ingestd's is.
 - ``old``: the old script's loop: one ``send_task`` per message after ``json.loads``.
 - ``produce``: signals at a fixed rate, with ``linger.ms`` ``--linger-ms`` (1); each
   carries its send time (``sent``, epoch seconds) for the latency benchmark. With 0,
-  each record goes as a request of its own, as low-latency producers send them.
+  each record goes as a request of its own, as low-latency producers send them. With
+  ``--acks-to``, when the broker acknowledged each (see :func:`produce`).
 
 ``raw`` and ``old`` consume from a group of their own and stop after ``--records``
 (0: run until killed).
@@ -27,6 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
@@ -117,21 +120,33 @@ def sent_of(value: bytes) -> float:
 
 
 def produce(topic: str, rate: int, seconds: float, bootstrap: str,
-            linger_ms: float = LINGER_MS) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "acks": 1})
+            linger_ms: float = LINGER_MS, acks_to: str = "") -> None:
+    """With ``acks_to``, each signal's send time and when the broker's acknowledgement
+    (the leader appended it) came back are written there, a JSON list of pairs: the
+    producer's own leg of the latency, which says how loaded the broker is."""
+    acks: list[tuple[float, float]] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is None:
+            acks.append((sent_of(msg.value()), time.time()))
+
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "acks": 1,
+                  **({"on_delivery": delivered} if acks_to else {})})
     p.list_topics(topic, timeout=10)  # connected, with the topic's leaders, before the clock
     start, i, n = time.time(), 0, int(rate * seconds)
     while i < n:
         due = start + i / rate
         now = time.time()
-        if now < due:
-            time.sleep(min(due - now, 0.001))
+        if now < due:  # waits in poll(): an acknowledgement is noted when it comes
+            p.poll(min(due - now, 0.001))
             continue
         while i < n and start + i / rate <= now:
             p.produce(topic, signal(i, time.time()))
             i += 1
         p.poll(0)
     p.flush(30)
+    if acks_to:
+        Path(acks_to).write_bytes(orjson.dumps(acks))
 
 
 def spawn(*args: str, bootstrap: str) -> subprocess.Popen[bytes]:
@@ -150,10 +165,11 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--linger-ms", type=float, default=LINGER_MS)
+    parser.add_argument("--acks-to", default="")
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     a = parser.parse_args()
     if a.pipe == "produce":
-        produce(a.topic, a.rate, a.seconds, a.bootstrap_servers, a.linger_ms)
+        produce(a.topic, a.rate, a.seconds, a.bootstrap_servers, a.linger_ms, a.acks_to)
     else:
         {"raw": raw, "old": old}[a.pipe](a.topic, a.broker_url, a.records, a.bootstrap_servers)
 

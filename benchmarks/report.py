@@ -94,7 +94,8 @@ def latency_table(data: dict[str, Any]) -> str:
         if b["name"].startswith("test_latency") and key in LATENCY:
             runs.setdefault((info["rate"], info.get("linger_ms", 1)), {})[LATENCY[key]] = info
     lines = ["| rate | producer's linger.ms | pipeline | p50 | p90 | p99 | max | p50, p90 "
-             "vs raw | its Kafka requests/s |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "vs raw | its Kafka requests/s | the producer's send → ack, p50, p90 |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (rate, linger), by_label in sorted(runs.items()):
         raw = by_label.get(LATENCY[("raw pipe", 1)])
         for label in LATENCY.values():
@@ -106,8 +107,14 @@ def latency_table(data: dict[str, Any]) -> str:
             lines.append(f"| {rate:,}/s | {linger} | {label} | {info['p50_ms']:.1f} ms | "
                          f"{info['p90_ms']:.1f} ms | {info['p99_ms']:.1f} ms | "
                          f"{info['max_ms']:.0f} ms | {ratio} | "
-                         f"{info.get('kafka_requests_per_s', '')} |")
+                         f"{info.get('kafka_requests_per_s', '')} | {_acks(info)} |")
     return "\n".join(lines)
+
+
+def _acks(info: dict[str, Any]) -> str:
+    if "ack_p50_ms" not in info:  # results from before it was measured
+        return ""
+    return f"{info['ack_p50_ms']:.1f} ms, {info['ack_p90_ms']:.1f} ms"
 
 
 def micro_table(data: dict[str, Any]) -> str:
@@ -243,9 +250,12 @@ def markdown(data: dict[str, Any], source: Path, has_chart: bool) -> str:
         "A producer on the same machine sends signals at a fixed rate, each carrying its send "
         "time: with `linger.ms=0` (a produce request per record, as low-latency producers "
         "send) and with `linger.ms=5`. A reader pops the Celery queue as it fills. From send "
-        "to arrival in the queue, ingestd beside the raw pipe of the same run. The last "
-        "column: the requests the pipeline's own consumers sent to Kafka a second (fetches, "
-        "heartbeats, commits), from librdkafka's statistics:",
+        "to arrival in the queue, ingestd beside the raw pipe of the same run. Then the "
+        "requests the pipeline's own consumers sent to Kafka a second (fetches, "
+        "heartbeats, commits), from librdkafka's statistics; and the producer's own leg, "
+        "from a signal's send to the broker's acknowledgement (the leader appended it): no "
+        "pipeline can deliver a signal before the broker has it, so where that leg is most "
+        "of the latency, the broker is what holds the signals:",
         "",
         latency_table(data),
         "",

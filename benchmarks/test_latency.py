@@ -89,6 +89,7 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Started],
     url = stack.redis_url(db)
     client = redis.Redis.from_url(url)
     stop, requests = start(topic, url)
+    acks_to = Path(tempfile.mkdtemp()) / "acks.json"  # the producer's (sent, acknowledged)
     window: list[tuple[float, float]] = []  # (time, requests) at the start and the end
     arrivals: list[tuple[float, float]] = []  # (sent, arrived)
     sends, expected = int(rate * (WARMUP + SECONDS)), int(rate * SECONDS)
@@ -103,7 +104,7 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Started],
             window.append((time.monotonic(), requests()))
             producer = pipes.spawn("produce", topic, "--rate", str(rate), "--seconds",
                                    str(WARMUP + SECONDS), "--linger-ms", str(linger),
-                                   bootstrap=stack.BOOTSTRAP)
+                                   "--acks-to", str(acks_to), bootstrap=stack.BOOTSTRAP)
             deadline = time.monotonic() + WARMUP + SECONDS + 60
             while len(arrivals) < sends and time.monotonic() < deadline:
                 got = cast("list[bytes]", client.rpop("celery", 1000) or [])
@@ -118,14 +119,18 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Started],
 
 
         benchmark.pedantic(run, rounds=1, iterations=1)
+        acks = orjson.loads(acks_to.read_bytes())
     finally:
         stop()
         client.flushdb()
         stack.release_redis_db(db)
         stack.delete_topic(topic)
+        shutil.rmtree(acks_to.parent, ignore_errors=True)
     assert len(arrivals) == sends
     first = min(s for s, _ in arrivals)
     latencies = [a - s for s, a in arrivals if s >= first + WARMUP]
+    ack_p50, ack_p90 = checker.percentiles([a - s for s, a in acks if s >= first + WARMUP],
+                                           50, 90)
     assert abs(len(latencies) - expected) <= rate * 0.05  # the producer's pacing
     p50, p90, p99 = checker.percentiles(latencies, 50, 90, 99)
     (began, first_count), (ended, last_count) = window
@@ -135,7 +140,9 @@ def measure_latency(benchmark: Any, start: Callable[[str, str], Started],
                                 records=len(latencies),
                                 p50_ms=round(p50 * 1000, 2), p90_ms=round(p90 * 1000, 2),
                                 p99_ms=round(p99 * 1000, 2),
-                                max_ms=round(max(latencies) * 1000, 2))
+                                max_ms=round(max(latencies) * 1000, 2),
+                                ack_p50_ms=round(ack_p50 * 1000, 2),
+                                ack_p90_ms=round(ack_p90 * 1000, 2))
 
 
 @pytest.mark.parametrize(("rate", "linger", "workers"),
