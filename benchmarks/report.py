@@ -104,6 +104,8 @@ def latency_table(data: dict[str, Any]) -> str:
                 continue
             ratio = (f"{info['p50_ms'] / raw['p50_ms']:.1f}x, {info['p90_ms'] / raw['p90_ms']:.1f}x"
                      if raw and info is not raw else "")
+            if info["records"] > 1.05 * info.get("expected_records", info["records"]):
+                label += " (the producer fell behind its pace)"
             lines.append(f"| {rate:,}/s | {linger} | {label} | {info['p50_ms']:.1f} ms | "
                          f"{info['p90_ms']:.1f} ms | {info['p99_ms']:.1f} ms | "
                          f"{info['max_ms']:.0f} ms | {ratio} | "
