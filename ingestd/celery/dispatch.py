@@ -296,8 +296,8 @@ class Packed:
         self.groups = {c: self.groups[c] for c in commands}
         if len(commands) > 1:
             self.data, self.replies = b"".join((MULTI, *commands, EXEC)), len(commands) + 2
-        else:
-            self.data, self.replies = b"".join(commands), len(commands)
+        else:  # one command (or none) is sent as built: no copy of a megabyte
+            self.data, self.replies = commands[0] if commands else b"", len(commands)
 
 
 class RedisTarget(Target):

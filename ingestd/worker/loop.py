@@ -65,7 +65,7 @@ DRAIN_SHARE = 0.8  # of --drain-timeout, spent retrying an unsent batch after a 
 ORPHAN_DRAIN = 3.0  # seconds a worker whose supervisor died spends on its drain
 LEAVE_TIMEOUT = 3.0
 SLOW = 1.0  # a wait longer than this pauses the partitions and shows on /readyz
-COMMIT_POLL = 0.001
+COMMIT_POLL = 0.0002
 COMMIT_AGAIN = 5.0  # while a commit is not confirmed, commit the stored offsets this often
 COMMIT_STATUS = "waiting for Kafka to confirm a commit"
 REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accepted
@@ -264,10 +264,10 @@ class Worker:
         carried = size(feed.carry)
         while (offsets.pending and len(feed.carry) < 2 * n and carried < 2 * max_size
                and time.monotonic() < deadline):
-            got = self.consumer.consume(1, COMMIT_POLL)
+            got = self.consumer.consume(max(1, n - len(feed.carry)), COMMIT_POLL)
             if got:
                 feed.keep(got)
-                carried += len(got[0])
+                carried += size(got)
             if offsets.pending and (len(feed.carry) >= n or carried >= max_size):
                 time.sleep(COMMIT_POLL)
         while offsets.pending and not self.pauses.abandoned:
