@@ -56,3 +56,36 @@ def peak_rss_mb(pid: int) -> float:
         except OSError:
             continue
     return round(peak / 1024, 1)
+
+
+# What a thread is, for the split of a pipeline's CPU (:func:`cpu_by_role`).
+ROLES = ("the supervisor", "the loop's thread", "librdkafka's threads",
+         "the publishing and other threads")
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """User plus system CPU seconds of the live threads of ``pid``'s tree, by role:
+    ``pid``'s own main thread is the supervisor's, a child's main thread its loop, a
+    thread librdkafka named (``rdk:``) librdkafka's; the rest (the in-flight publisher,
+    the metrics server) are the others."""
+    out = dict.fromkeys(ROLES, 0.0)
+    for p in tree(pid):
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                text = (task / "stat").read_text()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1:text.rindex(")")]
+            f = text[text.rindex(")") + 2:].split()
+            if comm.startswith("rdk:"):
+                role = ROLES[2]
+            elif int(task.name) == p:
+                role = ROLES[0] if p == pid else ROLES[1]
+            else:
+                role = ROLES[3]
+            out[role] += (int(f[11]) + int(f[12])) / TICK
+    return out

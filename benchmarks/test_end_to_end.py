@@ -75,10 +75,12 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
             n = done()
             if n and "first" not in marks and root is not None:
                 marks.update(first=time.perf_counter(), first_n=n,
-                             first_cpu=measure.cpu_seconds(root))
+                             first_cpu=measure.cpu_seconds(root),
+                             first_roles=measure.cpu_by_role(root))
             if n >= records and root is not None:
                 # VmHWM is the peak already: read once, not a /proc scan every poll
                 marks.update(end=time.perf_counter(), end_cpu=measure.cpu_seconds(root),
+                             end_roles=measure.cpu_by_role(root),
                              peak=measure.peak_rss_mb(root))
                 return
             time.sleep(POLL)
@@ -92,7 +94,12 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
     if not steady_n or marks["end_cpu"] - marks["first_cpu"] < MIN_CPU:
         # A tiny corpus, drained within a few clock ticks: the whole run, start included
         steady_n, marks["first_cpu"] = records, 0.0
+        marks.pop("first_roles")
     cpu_us = (marks["end_cpu"] - marks["first_cpu"]) / steady_n * 1e6
+    first_roles = marks.get("first_roles", dict.fromkeys(measure.ROLES, 0.0))
+    benchmark.extra_info["cpu_us_by_role"] = {
+        role: round((cpu - first_roles[role]) / steady_n * 1e6, 2)
+        for role, cpu in marks["end_roles"].items()}
     benchmark.extra_info.update(
         records=records, seconds=round(seconds, 3), signals_per_s=round(records / seconds),
         steady_signals_per_s=steady,

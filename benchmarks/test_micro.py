@@ -13,6 +13,9 @@ Groups:
 - ``decode+build: record headers``: a worker's decode and build of 1000 consumed records
   without headers (the hot path), with headers but no trace context, each with a
   ``traceparent``, and with ``--with-metadata``: what a record's headers cost.
+- ``consume``: 1000 records librdkafka has fetched already, handed to Python as
+  ``Message`` objects by ``Consumer.consume``: in one call, one call a record, and with
+  the worker's decode and build after it (the loop thread's whole per-record path).
 - ``hostile shapes``: one record of about 1 MB, shaped to be costly (commas, escaped
   quotes, deep brackets, long strings, big numbers), through a worker's decode and build:
   every per-record check is linear in the record's size.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,11 +40,12 @@ from confluent_kafka import Message
 from kombu import serialization
 from kombu.utils.json import dumps as kombu_dumps
 
+from benchmarks import pipes
 from benchmarks.conftest import N_RECORDS, TOPIC
 from ingestd import schema
 from ingestd.celery import codec, dispatch
 from ingestd.config import Config
-from tests import seams
+from tests import seams, stack
 
 Benchmark = Any  # pytest_benchmark.fixture.BenchmarkFixture
 Signal = schema.Signal
@@ -390,7 +395,7 @@ def test_publish_ingestd_end_to_end(benchmark: Benchmark, redis_client: redis.Re
 # --------------------------------------------------------------- decode+build: record headers
 
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-HEADERS: dict[str, list[tuple[str, bytes]] | None] = {
+HEADERS: dict[str, list[tuple[str, str | bytes | None]] | None] = {
     "no headers": None,
     "other headers": [("source", b"edge-7"), ("schema", b"v2")],
     "traceparent": [("traceparent", TRACEPARENT), ("tracestate", b"vendor=x")],
@@ -431,6 +436,56 @@ def test_decode_build_record_headers(
     _per_record(benchmark)
     assert out.data.count(b'"delivery_tag"') == N_RECORDS
     assert (b"traceparent" in out.data) is (variant == "traceparent")
+
+
+# --------------------------------------------------------------------------- consume
+
+CONSUME_ROUNDS = 30
+PREFETCH = 3.0  # seconds for librdkafka to fetch the topic (6 MB) after the first record
+CONSUME = ["consume(1000)", "consume(1), 1000 times", "consume(1000), decode, build"]
+
+
+@pytest.fixture(scope="module")
+def fetched_topic(corpus: list[bytes]) -> Iterator[str]:
+    """A partition holding enough records for every round of every variant."""
+    topic = stack.create_topic(1, prefix="micro")
+    stack.produce(topic, (corpus[i % N_RECORDS]
+                          for i in range((CONSUME_ROUNDS + 2) * N_RECORDS)), partition=0)
+    yield topic
+    stack.delete_topic(topic)
+
+
+@pytest.mark.stack
+@pytest.mark.benchmark(group="consume")
+@pytest.mark.parametrize("way", CONSUME)
+def test_consume(benchmark: Benchmark, config: Config, fetched_topic: str, way: str) -> None:
+    """What a record costs the loop's thread from librdkafka's queue on: a consumer with
+    ingestd's settings, its prefetch filled, hands over 1000 records a round."""
+    benchmark.extra_info["variant"] = way
+    _records(benchmark)
+    consumer = pipes.consumer(fetched_topic, stack.BOOTSTRAP)
+    d = dispatch.create(config)
+    worker = seams.decoder(config, {(fetched_topic, 0)}, d)
+    try:
+        first: list[Message] = []
+        while not first:
+            first = consumer.consume(1, 1.0)
+        time.sleep(PREFETCH)
+
+        def run() -> int:
+            if way == "consume(1), 1000 times":
+                return sum(len(consumer.consume(1, 1.0)) for _ in range(N_RECORDS))
+            messages = consumer.consume(N_RECORDS, 1.0)
+            if way == "consume(1000), decode, build":
+                d.prepare(worker.decode(messages).tasks)
+            return len(messages)
+
+        got = benchmark.pedantic(run, rounds=CONSUME_ROUNDS, warmup_rounds=1)
+    finally:
+        consumer.close()
+        d.close()
+    _per_record(benchmark)
+    assert got == N_RECORDS
 
 
 # --------------------------------------------------------------------- hostile shapes
