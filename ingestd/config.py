@@ -252,6 +252,11 @@ class Config:
     task: str = setting("ingest_and_score_signal", metavar="NAME",
                         help="task name, one task per signal")
     queue: str = setting("celery", metavar="Q", help="Celery queue / routing key")
+    queue_type: str = setting(
+        "classic", choices=("classic", "quorum"),
+        help="the type of the queues ingestd declares on an amqp:// broker, as Celery's "
+             "task_default_queue_type and task_create_missing_queue_type: quorum for "
+             "RabbitMQ's replicated queues (the celery workers must declare the same)")
     route: tuple[str, ...] = setting(
         (), metavar="TOPIC=TASK[@QUEUE]", repeatable=True, table=True, check=_route,
         help="send one topic's records as TASK (in place of --task, or --batch-task in batch "
@@ -641,6 +646,9 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         raise ConfigError("topic: expected at least one topic")
     _check_routes(config, {"flag": "flag", "env": "INGESTD_ROUTE",
                            "file": str(config_file)}.get(sources["route"], "default"))
+    if config.queue_type != "classic" and config.broker_is_redis:
+        raise ConfigError(f"queue-type: {config.queue_type} queues are RabbitMQ's; a Redis "
+                          "broker has lists, not queue types (use an amqp:// --broker-url)")
     names = {f.name for f in SETTINGS}
     options = {k: v for k, v in args.items() if k not in names}
     return Loaded(config, sources, check, config_file, options)

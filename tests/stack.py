@@ -212,6 +212,29 @@ def celery_worker(broker_url: str, queue: str = "celery", concurrency: int = 2,
             proc.wait()
 
 
+def amqp_queue_type(queue: str, url: str = RABBITMQ_URL) -> str:
+    """How RabbitMQ holds ``queue``: only a quorum queue accepts a redeclare as one."""
+    from amqp.exceptions import PreconditionFailed
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as conn:
+        try:
+            conn.channel().queue_declare(queue=queue, durable=True, auto_delete=False,
+                                         arguments={"x-queue-type": "quorum"})
+        except PreconditionFailed:
+            return "classic"
+    return "quorum"
+
+
+def amqp_delete(queue: str, url: str = RABBITMQ_URL) -> None:
+    """Delete ``queue`` and its exchange of the same name, if there."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as conn:
+        conn.default_channel.queue_delete(queue)
+        conn.default_channel.exchange_delete(queue)
+
+
 def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

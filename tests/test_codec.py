@@ -16,14 +16,17 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
 import redis
+from celery import Celery
 from celery.utils.saferepr import saferepr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Queue
+from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from ingestd.celery import codec, dispatch
 from ingestd.config import Config
@@ -808,3 +811,49 @@ def test_amqp_unroutable_messages_refuse_the_batch(amqp_each: dispatch.AmqpDispa
     amqp_each.publish(tasks)
     assert [m.headers["id"] for m in _amqp_fetch(amqp_queue, len(tasks))] == \
         [t.task_id for t in tasks]
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+@pytest.mark.parametrize("queue", ["celery", "ingestd-custom.q"])
+def test_amqp_queue_declare_equals_a_celery_worker(queue_type: str, queue: str) -> None:
+    """``--queue-type`` declares each queue as a Celery app set up for that type
+    (``task_default_queue_type``, ``task_create_missing_queue_type``) declares it, call for
+    call: a redeclare by either side is accepted by the broker."""
+    ours = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, queue=queue,
+                                  queue_type=queue_type))
+    theirs = Celery("worker", broker=stack.RABBITMQ_URL, set_as_current=False)
+    theirs.conf.update(task_default_queue_type=queue_type,
+                       task_create_missing_queue_type=queue_type)
+
+    def declared(app: Celery) -> list[Any]:
+        channel = mock.MagicMock()  # records the calls; arguments as py-amqp's channel prepares
+        channel.prepare_queue_arguments.side_effect = to_rabbitmq_queue_arguments
+        app.amqp.queues[queue](channel).declare()
+        return channel.method_calls
+
+    calls = declared(ours.app)
+    assert calls == declared(theirs)
+    declare = next(c for c in calls if c[0] == "queue_declare")
+    assert declare.kwargs["durable"] is True
+    assert declare.kwargs["arguments"] == (
+        {"x-queue-type": "quorum"} if queue_type == "quorum" else {})
+    ours.close()
+
+
+@pytest.mark.amqp
+def test_amqp_queue_of_another_type_is_refused_by_name(amqp_queue: str) -> None:
+    """A queue a celery worker declared quorum, published to by an ingestd left at classic:
+    RabbitMQ refuses the redeclare, and the refusal names the argument (a batch refused,
+    retried like any other, never a queue of the wrong type)."""
+    quorum = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, queue=amqp_queue,
+                                    queue_type="quorum"))
+    classic = dispatch.create(Config(broker_url=stack.RABBITMQ_URL, queue=amqp_queue))
+    task = dispatch.Task(f"t-0-{0}", "t", [orjson.dumps(CURATED[0])], [CURATED[0]])
+    try:
+        quorum.publish([task])
+        with pytest.raises(DispatchError, match="x-queue-type"):
+            classic.publish([task])
+        assert len(_amqp_fetch(amqp_queue, 1)) == 1
+    finally:
+        quorum.close()
+        classic.close()

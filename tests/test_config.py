@@ -471,3 +471,14 @@ def test_starting_at_the_end_is_an_option_of_its_own() -> None:
     assert consumer_config(latest, 0)["auto.offset.reset"] == "latest"
     with pytest.raises(ConfigError, match="use --offset-reset"):
         load(["-X", "auto.offset.reset=latest"], {})
+
+
+def test_queue_type_is_rabbitmqs() -> None:
+    amqp = ["--broker-url", "amqp://guest:guest@localhost:5672//"]
+    assert load(amqp).config.queue_type == "classic"
+    assert load([*amqp, "--queue-type", "quorum"]).config.queue_type == "quorum"
+    assert load(amqp, {"INGESTD_QUEUE_TYPE": "quorum"}).config.queue_type == "quorum"
+    with pytest.raises(ConfigError, match="queue-type: quorum queues are RabbitMQ's"):
+        load(["--queue-type", "quorum"])
+    with pytest.raises(ConfigError, match="queue-type"):
+        load([*amqp, "--queue-type", "stream"])

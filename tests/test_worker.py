@@ -222,20 +222,32 @@ def test_redis_outage_mid_stream_loses_nothing(
 
 
 @pytest.mark.amqp
-def test_amqp_broker_tasks_run_on_celery(topic_factory: Callable[..., str], redis_db: int) -> None:
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_amqp_broker_tasks_run_on_celery(topic_factory: Callable[..., str], redis_db: int,
+                                         queue_type: str) -> None:
+    """Quorum: a stock celery worker set up for quorum queues as Celery documents it
+    (``tests/quorum_celeryconfig.py``) and ``--queue-type quorum`` declare the same
+    queue; it is a quorum queue on the broker."""
     topic = topic_factory(partitions=2)
     n = 1000
     stack.produce(topic, (stack.signal_record(i) for i in range(n)))
     queue = f"q-{uuid.uuid4().hex[:8]}"
     results_url = stack.redis_url(redis_db)
-    args = stack.ingestd_args(topic, stack.group(), stack.RABBITMQ_URL, "--queue", queue)
-    with stack.Ingestd(*args) as ingestd, \
-            stack.celery_worker(stack.RABBITMQ_URL, queue=queue,
-                                env={"INGESTD_RESULTS_URL": results_url}):
-        results = redis.Redis.from_url(results_url)
-        assert stack.wait_until(lambda: results.hlen(reference_tasks.SCORES_KEY) >= n, 120)
-        ingestd.signal(signal.SIGTERM)
-        assert ingestd.wait(60) == 0
+    args = stack.ingestd_args(topic, stack.group(), stack.RABBITMQ_URL, "--queue", queue,
+                              "--queue-type", queue_type)
+    env = {"INGESTD_RESULTS_URL": results_url}
+    if queue_type == "quorum":
+        env["CELERY_CONFIG_MODULE"] = "tests.quorum_celeryconfig"
+    try:
+        with stack.Ingestd(*args) as ingestd, \
+                stack.celery_worker(stack.RABBITMQ_URL, queue=queue, env=env):
+            results = redis.Redis.from_url(results_url)
+            assert stack.wait_until(lambda: results.hlen(reference_tasks.SCORES_KEY) >= n, 120)
+            ingestd.signal(signal.SIGTERM)
+            assert ingestd.wait(60) == 0
+        assert stack.amqp_queue_type(queue) == queue_type
+    finally:
+        stack.amqp_delete(queue)
     ids = {k.decode() for k in results.hkeys(reference_tasks.SCORES_KEY)}
     assert ids == {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, 2).items()
                    for o in range(end)}

@@ -139,9 +139,12 @@ def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
     timeouts = ({"socket_timeout": timeout, "socket_connect_timeout": connect,
                  "socket_keepalive": True} if config.broker_is_redis else
                 {"read_timeout": timeout, "write_timeout": timeout})
+    # Queues are declared by Celery's own definitions (``app.amqp.queues``): with the
+    # queue type a celery worker configured the same way declares, argument for argument.
     app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False,
                     broker_connection_timeout=connect, broker_transport_options=timeouts,
-                    broker_use_ssl=use_ssl)
+                    broker_use_ssl=use_ssl, task_default_queue_type=config.queue_type,
+                    task_create_missing_queue_type=config.queue_type)
     return app
 
 
