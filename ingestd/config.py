@@ -52,14 +52,29 @@ def _non_negative(v: Any) -> str | None:
     return None if 0 <= v < math.inf else "a number >= 0"
 
 
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+# A failover list, as kombu spells it: URLs joined by ";". Split only where a URL
+# starts, so that a ";" in a password never splits it (nor shows a piece of it).
+_NEXT_URL = re.compile(r";\s*(?=[a-z]+://)")
+
+
+def broker_urls(url: str) -> list[str]:
+    """The URLs of a ``--broker-url``: one, or a failover list
+    (``amqp://h1//;amqp://h2//``)."""
+    return [u.strip() for u in _NEXT_URL.split(url.strip())]
+
+
 def _broker_url(v: str) -> str | None:
-    scheme = urlsplit(v).scheme
-    if scheme not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
-        return "a URL starting with redis://, rediss:// or amqp://"
-    try:
-        urlsplit(v).port  # noqa: B018  (raises on a bad port)
-    except ValueError:
-        return "a URL with a numeric port"
+    urls = broker_urls(v)
+    for url in urls:
+        if urlsplit(url).scheme not in ("redis", "rediss", *AMQP_SCHEMES):
+            return "a URL starting with redis://, rediss:// or amqp://"
+        try:
+            urlsplit(url).port  # noqa: B018  (raises on a bad port)
+        except ValueError:
+            return "a URL with a numeric port"
+    if len(urls) > 1 and any(urlsplit(u).scheme not in AMQP_SCHEMES for u in urls):
+        return "one redis:// URL, or amqp:// URLs joined by ';' (a failover list)"
     return None
 
 
@@ -234,7 +249,8 @@ class Config:
     broker_url: str = setting(
         "redis://localhost:6379/0", metavar="URL", legacy_env="CELERY_BROKER_URL",
         check=_broker_url,
-        help="Celery broker (redis://, amqp://; rediss://, amqps:// for TLS, verified)")
+        help="Celery broker (redis://, amqp://; rediss://, amqps:// for TLS, verified); "
+             "amqp:// URLs joined by ';' are a failover list, tried in order")
     broker_tls_ca: str = setting(
         "", metavar="FILE", check=_file_or_empty,
         help="CA certificates (PEM) to verify a rediss:// or amqps:// broker with "
@@ -364,7 +380,7 @@ class Config:
 
     @property
     def broker_is_redis(self) -> bool:
-        return urlsplit(self.broker_url).scheme in ("redis", "rediss")
+        return urlsplit(broker_urls(self.broker_url)[0]).scheme in ("redis", "rediss")
 
     @property
     def task_limit(self) -> int:
@@ -413,8 +429,13 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password; everything between the user's ``:`` and the last ``@`` counts
-    as the password, even an unencoded ``/`` that ends a URL's netloc."""
+    """Hide the password of each URL of a failover list; everything between the user's
+    ``:`` and the last ``@`` counts as the password, even an unencoded ``/`` that ends a
+    URL's netloc."""
+    return ";".join(_redact_one(u) for u in broker_urls(url))
+
+
+def _redact_one(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")

@@ -166,13 +166,13 @@ class Run:
         self.results = redis.Redis.from_url(self.results_url, decode_responses=True)
         self._celery: contextlib.ExitStack | None = None
 
-    def start_celery(self) -> None:
-        """A real ``celery worker`` on this run's Celery broker, recording in results_url;
-        stopped by close()."""
-        celery = contextlib.ExitStack()
-        celery.enter_context(stack.celery_worker(self.broker_url,
-                                                 env={"INGESTD_RESULTS_URL": self.results_url}))
-        self._celery = celery
+    def start_celery(self, broker_url: str | None = None) -> None:
+        """A real ``celery worker`` on this run's Celery broker (or ``broker_url``: one
+        node of a failover list, say), recording in results_url; stopped by close()."""
+        if self._celery is None:
+            self._celery = contextlib.ExitStack()
+        self._celery.enter_context(stack.celery_worker(
+            broker_url or self.broker_url, env={"INGESTD_RESULTS_URL": self.results_url}))
 
     def ingestd(self, *extra: str, instance: str | None = None,
                 workers: int = 2) -> stack.Ingestd:

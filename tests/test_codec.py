@@ -857,3 +857,18 @@ def test_amqp_queue_of_another_type_is_refused_by_name(amqp_queue: str) -> None:
     finally:
         quorum.close()
         classic.close()
+
+
+@pytest.mark.amqp
+def test_amqp_failover_list_goes_on_to_the_next_url(amqp_queue: str) -> None:
+    """The first URL of the list refuses connections: the batch goes to the second, and
+    its confirms are waited for there."""
+    dead = f"amqp://guest:guest@127.0.0.1:{stack.free_port()}//"
+    d = dispatch.create(Config(broker_url=f"{dead};{stack.RABBITMQ_URL}", queue=amqp_queue))
+    tasks = [dispatch.Task(f"t-0-{i}", "t", [orjson.dumps(o)], [o]) for i, o in enumerate(CURATED)]
+    try:
+        d.publish(tasks)
+        assert d.queue_depth() == len(tasks)
+    finally:
+        d.close()
+    assert len(_amqp_fetch(amqp_queue, len(tasks))) == len(tasks)

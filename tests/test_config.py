@@ -409,6 +409,8 @@ def test_describe_lists_every_setting_with_its_source(toml: TomlWriter) -> None:
     ("amqp://guest:guest@localhost:5672//", "amqp://guest:***@localhost:5672//"),
     ("redis://h:6379/0", "redis://h:6379/0"),
     ("redis://user@h:6379/0", "redis://user@h:6379/0"),
+    ("amqp://u:pw1@h1:5672//;amqp://u:pw2@h2:5672//", "amqp://u:***@h1:5672//;amqp://u:***@h2:5672//"),
+    ("redis://:pa;ss@h:6379/0", "redis://:***@h:6379/0"),  # ";" in a password splits nothing
 ])
 def test_redact_url(url: str, shown: str) -> None:
     assert config.redact_url(url) == shown
@@ -482,3 +484,29 @@ def test_queue_type_is_rabbitmqs() -> None:
         load(["--queue-type", "quorum"])
     with pytest.raises(ConfigError, match="queue-type"):
         load([*amqp, "--queue-type", "stream"])
+
+
+def test_a_failover_list_of_amqp_urls() -> None:
+    from ingestd.celery import tls
+
+    urls = "amqp://u:p@h1:5672//; amqp://u:p@h2:5673//"
+    loaded = load(["--broker-url", urls]).config
+    assert config.broker_urls(loaded.broker_url) == ["amqp://u:p@h1:5672//",
+                                                     "amqp://u:p@h2:5673//"]
+    assert not loaded.broker_is_redis
+    assert tls.resolve(loaded) == ("amqp://u:p@h1:5672//;amqp://u:p@h2:5673//", None)
+    secure = Config(broker_url="amqps://h1:5671//?ssl_ca_certs=/ca.pem;amqps://h2:5671//")
+    url, verified = tls.resolve(secure)
+    assert url == "amqps://h1:5671//;amqps://h2:5671//"
+    assert verified is not None and verified.ca == "/ca.pem" and verified.verify
+    for bad, expected in [
+            ("redis://h1:6379/0;redis://h2:6379/0", "a failover list"),
+            ("amqp://h1//;redis://h2:6379/0", "a failover list"),
+            ("amqp://h1//;amqp://h2:x//", "a numeric port")]:
+        with pytest.raises(ConfigError, match=expected):
+            load(["--broker-url", bad])
+    for bad, expected in [("amqps://h1//;amqp://h2//", "uses TLS"),
+                          ("amqps://h1//?ssl_ca_certs=/a;amqps://h2//?ssl_ca_certs=/b",
+                           "different TLS")]:
+        with pytest.raises(ConfigError, match=expected):
+            tls.resolve(Config(broker_url=bad))

@@ -31,7 +31,7 @@ from kombu.connection import Connection
 
 from ingestd.celery import codec
 from ingestd.celery import tls as brokertls
-from ingestd.config import Config, Route, redact
+from ingestd.config import Config, Route, broker_urls, redact
 from ingestd.errors import DispatchError
 
 CONNECT_TIMEOUT = 5.0
@@ -228,10 +228,15 @@ class _Base:
         return list({t.queue: t for t in targets}.values())
 
     def _connection(self) -> Connection:
+        """The connection, made on first use. Of a failover list (kombu's alternates),
+        each URL is tried once, in order, every time a connection is made: a broker that
+        comes back is used again once the one in use fails."""
         if self.conn is None:
+            hosts = len(broker_urls(self.url))
             self.conn = self.app.connection_for_write(self.url)
-            self.conn.ensure_connection(max_retries=1,
-                                        timeout=self.app.conf.broker_connection_timeout)
+            self.conn.ensure_connection(
+                max_retries=max(1, hosts - 1),
+                timeout=hosts * self.app.conf.broker_connection_timeout)
         return self.conn
 
     def _declare(self) -> Any:

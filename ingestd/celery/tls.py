@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ingestd.config import Config
+from ingestd.config import Config, broker_urls
 from ingestd.errors import ConfigError
 
 TLS_SCHEMES = ("rediss", "amqps")
@@ -56,16 +56,33 @@ class BrokerTLS:
         return opts
 
 
+def _without_tls_query(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` less kombu's TLS query parameters, and those parameters."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    return (urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query
+                                                       if k not in QUERY]))),
+            {k: v for k, v in query if k in QUERY})
+
+
 def resolve(config: Config) -> tuple[str, BrokerTLS | None]:
     """The URL to give kombu (without kombu's TLS query parameters), and the TLS to use:
-    None for a plain ``redis://`` or ``amqp://`` broker."""
-    parts = urlsplit(config.broker_url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    given = {k: v for k, v in query if k in QUERY}
-    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query
-                                                     if k not in QUERY])))
-    if parts.scheme not in TLS_SCHEMES:
+    None for a plain ``redis://`` or ``amqp://`` broker. The URLs of a failover list
+    share one TLS setting."""
+    urls = broker_urls(config.broker_url)
+    stripped = [_without_tls_query(u) for u in urls]
+    url = ";".join(u for u, _ in stripped)
+    tls = {urlsplit(u).scheme in TLS_SCHEMES for u in urls}
+    if len(tls) > 1:
+        raise ConfigError("broker-url: every URL of a failover list uses TLS (amqps://), "
+                          "or none does")
+    queries = {tuple(sorted(q.items())) for _, q in stripped if q}
+    if len(queries) > 1:
+        raise ConfigError("broker-url: the URLs of a failover list give different TLS "
+                          "parameters; give them once, as --broker-tls-* options")
+    if tls != {True}:
         return url, None
+    given = dict(next(iter(queries), ()))
     reqs = given.get("ssl_cert_reqs", "required").lower()
     check = given.get("ssl_check_hostname", "true").lower()
     if reqs not in ("required", "cert_required", *_NONE) or check not in ("true", "false"):
