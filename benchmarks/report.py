@@ -173,17 +173,29 @@ def where_it_goes(data: dict[str, Any]) -> list[str]:
             f"record (so a worker that waits for a commit takes up to a batch in one call). "
             f"Consume, decode and build of fetched records, the loop thread's whole "
             f"per-record path: {path:.2f} µs.")
-    if consume is not None and floor is not None and build is not None and roles:
+    if consume is not None and floor is not None and build is not None and path is not None \
+            and roles:
         rdk = roles.get("librdkafka's threads", 0.0)
+        loop = roles.get("the loop's thread", 0.0)
         least = rdk + consume + floor + build
         out.append(
             f"- **The floor**: librdkafka's threads ({rdk:.2f}), its hand-over ({consume:.2f}), "
             f"msgspec decoding into the schema's Struct and nothing else ({floor:.2f}) and "
-            f"the C build of the message ({build:.2f}) add up to {least:.2f} µs a signal "
-            "before a byte is published, with no loop, offsets or metrics at all. A goal "
-            "below that needs a different consumer (records read in C, not a `Message` "
-            "each) or a validator that builds nothing; what the worker adds beyond it is "
-            "the loop's bookkeeping and the waits for commits and for the broker.")
+            f"the C build of the message ({build:.2f}) add up to {least:.2f} µs a signal, "
+            "before a byte is published.")
+        memory = _per_record(found, "test_decode_build_record_headers[no headers]")
+        fresh = (f" Of it, {path - consume - memory:.2f} µs is what the decode and build "
+                 f"of just-consumed records cost beyond the same records made in memory "
+                 f"({memory:.2f}).") if memory is not None else ""
+        out.append(
+            f"- **What is above it**: the loop thread's per-record path measured "
+            f"{path:.2f} µs against the {consume + floor + build:.2f} of its parts: "
+            f"{path - consume - floor - build:.2f} µs is Python around them, per record, "
+            "in `Pipeline.decode` (the checks before msgspec, a `Task` and its id, the "
+            f"run bookkeeping).{fresh} The loop thread spent {loop:.2f} µs a signal end to "
+            "end, so the loop's own work per batch (offsets, commits, metrics, waits) "
+            f"comes to about {max(loop - path, 0):.2f} µs a signal. The next step down is "
+            "the per-record Python: a C pass over the `Message` objects, as the build's.")
     return out
 
 

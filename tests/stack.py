@@ -215,7 +215,7 @@ def celery_worker(broker_url: str, queue: str = "celery", concurrency: int = 2,
 def amqp_queue_type(queue: str, url: str = RABBITMQ_URL) -> str:
     """How RabbitMQ holds ``queue``: only a quorum queue accepts a redeclare as one."""
     from amqp.exceptions import PreconditionFailed
-    from kombu import Connection
+    from kombu.connection import Connection
 
     with Connection(url, connect_timeout=5) as conn:
         try:
@@ -228,7 +228,7 @@ def amqp_queue_type(queue: str, url: str = RABBITMQ_URL) -> str:
 
 def amqp_delete(queue: str, url: str = RABBITMQ_URL) -> None:
     """Delete ``queue`` and its exchange of the same name, if there."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     with Connection(url, connect_timeout=5) as conn:
         conn.default_channel.queue_delete(queue)
