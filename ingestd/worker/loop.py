@@ -250,9 +250,10 @@ class Worker:
         suspected record, alone (see :mod:`ingestd.quarantine`), waits until everything
         before it is confirmed: the death it may cause repeats only the record before it. The
         commit usually is confirmed by now. librdkafka puts commit results ahead of the
-        fetched records, so a consume of one record serves it; what such consumes return
-        is carried into the next batches: up to a batch (in records or bytes) at once,
-        then one record a millisecond, and past two batches (a commit slower than a
+        fetched records, so any consume serves it; what such consumes return is carried
+        into the next batches: up to a batch's records in one consume (a consume a
+        record cost six times as much a record), then one record a millisecond, and
+        past two batches, in records or in bytes (a commit slower than a
         second, say while the group coordinator moves) the partitions are paused. A
         commit Kafka refuses is asked for again, however long that takes."""
         offsets, feed = self.offsets, self.feed
