@@ -122,10 +122,10 @@ def _dlq_topic(v: str | None) -> str | None:
     return None if not v else topic_problem(v)
 
 
-# Consumer properties ingestd sets itself: its guarantees (at-least-once, the
-# one-batch bound, partitions handed over without a stall) depend on their
-# values, or an option of its own sets them. ``-X`` refuses them; the README
-# shows this table (``protected_table``).
+# Properties ingestd sets itself: its guarantees (at-least-once, the one-batch
+# bound, partitions handed over without a stall, dead letters that are never lost
+# nor written twice) depend on their values, or an option of its own sets them.
+# ``-X`` refuses them; the README shows this table (``protected_table``).
 PROTECTED_PROPERTIES: dict[str, str] = {
     "enable.auto.offset.store": "ingestd stores an offset only after the Celery broker "
                                 "accepted the record",
@@ -145,6 +145,11 @@ PROTECTED_PROPERTIES: dict[str, str] = {
     "metadata.broker.list": "an alias of bootstrap.servers: use --bootstrap-servers",
     "auto.offset.reset": "use --offset-reset: starting at the end skips records, so it is "
                          "an option of its own, which warns",
+    "acks": "the dead-letter producer waits for every in-sync replica (all): its offset "
+            "is committed only once the letter cannot be lost",
+    "request.required.acks": "an alias of acks",
+    "enable.idempotence": "the dead-letter producer is idempotent: a retry after a broker "
+                          "failure writes no second letter",
 }
 
 

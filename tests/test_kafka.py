@@ -34,3 +34,4 @@ def test_the_dead_letter_producer_and_the_consumer_share_them() -> None:
     for key, _, value in (p.partition("=") for p in SECURITY):
         assert producer[key] == consumer[key] == value
     assert producer["enable.idempotence"] is True and consumer["enable.auto.commit"] is True
+    assert producer["acks"] == "all"  # neither can -X change (PROTECTED_PROPERTIES)
