@@ -5,6 +5,7 @@ wait for everything to settle and the checker's verdict."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -166,13 +167,16 @@ class Run:
         self.results = redis.Redis.from_url(self.results_url, decode_responses=True)
         self._celery: contextlib.ExitStack | None = None
 
-    def start_celery(self, broker_url: str | None = None) -> None:
+    def start_celery(self, broker_url: str | None = None,
+                     env: dict[str, str] | None = None) -> None:
         """A real ``celery worker`` on this run's Celery broker (or ``broker_url``: one
-        node of a failover list, say), recording in results_url; stopped by close()."""
+        node of a failover list, say), recording in results_url; stopped by close().
+        ``env``: more of its environment (``CELERY_CONFIG_MODULE``, say)."""
         if self._celery is None:
             self._celery = contextlib.ExitStack()
         self._celery.enter_context(stack.celery_worker(
-            broker_url or self.broker_url, env={"INGESTD_RESULTS_URL": self.results_url}))
+            broker_url or self.broker_url,
+            env={"INGESTD_RESULTS_URL": self.results_url, **(env or {})}))
 
     def ingestd(self, *extra: str, instance: str | None = None,
                 workers: int = 2) -> stack.Ingestd:
@@ -362,6 +366,11 @@ class PrivateService:
     def pid(self) -> int:
         return int((self.directory / self.service / f"{self.service}.pid").read_text())
 
+    @property
+    def node(self) -> str:
+        """A RabbitMQ's Erlang node name, as scripts/stack names it."""
+        return f"ingestd-{self.port}@localhost"
+
     def kill(self) -> None:
         pid = self.pid()
         os.kill(pid, signal.SIGKILL)
@@ -373,6 +382,34 @@ class PrivateService:
             self.down()
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def rabbitmqctl(node: str, *args: str) -> str:
+    """``rabbitmqctl -n node args``; its output."""
+    done = subprocess.run(["rabbitmqctl", "-n", node, *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+@contextlib.contextmanager
+def rabbitmq_cluster(size: int) -> Iterator[list[PrivateService]]:
+    """``size`` RabbitMQ nodes of scripts/stack on loopback, clustered: each but the first
+    joins the first (Debian's nodes share the rabbitmq user's Erlang cookie)."""
+    with contextlib.ExitStack() as nodes:
+        cluster = [nodes.enter_context(private_service("rabbitmq")) for _ in range(size)]
+        for node in cluster[1:]:
+            rabbitmqctl(node.node, "stop_app")
+            rabbitmqctl(node.node, "join_cluster", cluster[0].node)
+            rabbitmqctl(node.node, "start_app")
+        yield cluster
+
+
+def quorum_leader(queue: str, node: PrivateService) -> str:
+    """The node holding ``queue``'s quorum leader, as ``node`` of its cluster sees it."""
+    out = rabbitmqctl(node.node, "list_queues", "name", "leader", "--formatter", "json")
+    rows = json.loads(out[out.index("["):])  # after any banner line
+    return next(str(row["leader"]) for row in rows if row["name"] == queue)
 
 
 PORTS = {"kafka": ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT"),

@@ -26,7 +26,7 @@ import redis
 
 from tests import stack
 from tests.conftest import PrivateRedis
-from tests.harness import PrivateService, Run, private_service
+from tests.harness import PrivateService, Run, private_service, quorum_leader, rabbitmq_cluster
 
 pytestmark = pytest.mark.stack
 
@@ -142,7 +142,8 @@ def test_rabbitmq_restarted_under_load(private_rabbitmq: PrivateService,
     """The AMQP path: publisher confirms lost with the connection, a durable queue that
     outlives the restart, and a celery worker that reconnects."""
     run = make_run(broker_url=f"amqp://guest:guest@{private_rabbitmq.address}//")
-    rabbitmq_down_under_load(run, private_rabbitmq, lambda: time.sleep(OUTAGE))
+    rabbitmq_down_under_load(run, private_rabbitmq.down, private_rabbitmq.up,
+                             lambda: time.sleep(OUTAGE))
 
 
 @pytest.mark.amqp
@@ -158,21 +159,47 @@ def test_rabbitmq_failover_list_under_load(make_run: Callable[..., Run]) -> None
         for url in urls:
             run.start_celery(url)
         # While the first is down, commits go on: the second node confirmed them.
-        rabbitmq_down_under_load(run, first, lambda: run.wait_progress(STEP))
+        rabbitmq_down_under_load(run, first.down, first.up, lambda: run.wait_progress(STEP))
 
 
-def rabbitmq_down_under_load(run: Run, node: PrivateService, meanwhile: Callable[[], None]
-                             ) -> None:
-    """ingestd under load; ``node`` stopped while ``meanwhile`` runs, then started again;
-    then every record ran, and ingestd stopped cleanly."""
-    ingestd = run.ingestd(*RETRY)
+@pytest.mark.amqp
+@pytest.mark.timeout(600)
+def test_rabbitmq_cluster_quorum_leader_killed_under_load(make_run: Callable[..., Run]) -> None:
+    """A 3-node RabbitMQ cluster on loopback, the Celery queue a quorum queue on all
+    three (``--queue-type quorum``, and a celery worker set up for it), both given the
+    three URLs as a failover list. The node holding the queue's leader is SIGKILLed
+    under load: a follower takes over, and the group's commits go on while that node
+    is dead, so what they cover was confirmed by a majority. It comes back; nothing is
+    lost."""
+    with rabbitmq_cluster(3) as nodes:
+        urls = ";".join(f"amqp://guest:guest@{node.address}//" for node in nodes)
+        run = make_run(broker_url=urls, celery=False)
+        run.start_celery(env={"CELERY_CONFIG_MODULE": "tests.quorum_celeryconfig"})
+        leader: list[PrivateService] = []
+
+        def kill_the_leader() -> None:
+            name = quorum_leader("celery", nodes[0])
+            leader.append(next(node for node in nodes if node.node == name))
+            leader[0].kill()
+
+        rabbitmq_down_under_load(run, kill_the_leader, lambda: leader[0].up(),
+                                 lambda: run.wait_progress(STEP), "--queue-type", "quorum")
+        assert stack.amqp_queue_type("celery", urls.split(";")[1]) == "quorum"
+
+
+def rabbitmq_down_under_load(run: Run, stop: Callable[[], None], start: Callable[[], None],
+                             meanwhile: Callable[[], None], *extra: str) -> None:
+    """ingestd (with ``extra`` arguments) under load; a RabbitMQ node stopped (``stop``)
+    while ``meanwhile`` runs, then started again; then every record ran, and ingestd
+    stopped cleanly."""
+    ingestd = run.ingestd(*RETRY, *extra)
     run.load.start(LOAD, LOAD_SECONDS)
     run.wait_progress(STEP)
-    node.down()
+    stop()
     try:
         meanwhile()
     finally:
-        node.up()
+        start()
     settled = run.settle()
     code = run.stop(ingestd)
     run.verify(max_duplicates=None)
