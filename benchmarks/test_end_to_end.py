@@ -94,11 +94,10 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
     if not steady_n or marks["end_cpu"] - marks["first_cpu"] < MIN_CPU:
         # A tiny corpus, drained within a few clock ticks: the whole run, start included
         steady_n, marks["first_cpu"] = records, 0.0
-        marks.pop("first_roles")
+        marks["first_roles"] = dict.fromkeys(measure.ROLES, 0.0)
     cpu_us = (marks["end_cpu"] - marks["first_cpu"]) / steady_n * 1e6
-    first_roles = marks.get("first_roles", dict.fromkeys(measure.ROLES, 0.0))
     benchmark.extra_info["cpu_us_by_role"] = {
-        role: round((cpu - first_roles[role]) / steady_n * 1e6, 2)
+        role: round((cpu - marks["first_roles"][role]) / steady_n * 1e6, 2)
         for role, cpu in marks["end_roles"].items()}
     benchmark.extra_info.update(
         records=records, seconds=round(seconds, 3), signals_per_s=round(records / seconds),

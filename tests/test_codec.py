@@ -635,10 +635,7 @@ def amqp_queue() -> Iterator[str]:
         pytest.fail(f"RabbitMQ is not reachable at {stack.RABBITMQ_URL} ({exc}); "
                     "run scripts/stack up --with-rabbitmq")
     yield name
-    with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
-        channel = conn.default_channel
-        channel.queue_delete(name)
-        channel.exchange_delete(name)
+    stack.amqp_delete(name)
 
 
 @pytest.fixture
@@ -667,9 +664,7 @@ def amqp_queues(amqp_queue: str) -> Iterator[tuple[str, str]]:
     """Two routes' queues: ``amqp_queue`` and a second one, deleted afterwards too."""
     second = f"{amqp_queue}-archive"
     yield amqp_queue, second
-    with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
-        conn.default_channel.queue_delete(second)
-        conn.default_channel.exchange_delete(second)
+    stack.amqp_delete(second)
 
 
 def _amqp_fetch(queue: str, n: int) -> list[Any]:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 from confluent_kafka import KafkaException
-from kombu import Connection
 
 from ingestd.celery import reference_tasks
 from tests import stack
@@ -122,10 +121,8 @@ def amqp_queues() -> Iterator[tuple[str, str]]:
     """Two queue names of the test's own on RabbitMQ, deleted afterwards."""
     names = (f"q-scores-{uuid.uuid4().hex[:8]}", f"q-archive-{uuid.uuid4().hex[:8]}")
     yield names
-    with Connection(stack.RABBITMQ_URL, connect_timeout=5) as conn:
-        for name in names:
-            conn.default_channel.queue_delete(name)
-            conn.default_channel.exchange_delete(name)
+    for name in names:
+        stack.amqp_delete(name)
 
 
 def test_check_shows_every_route_and_each_queue(topic_factory: Callable[..., str],

@@ -537,15 +537,15 @@ class AmqpDispatcher(_Base):
         # The retry sends only these: what the broker confirmed it holds.
         prepared[:] = [p for tag, p in enumerate(prepared, first)
                        if tag in self._nacked or p.properties["correlation_id"] in returned]
+        # And on a new channel, with the queues declared again, as send_task would: after
+        # a quorum queue's leader died, RabbitMQ (3.10 here) kept nacking every publish on
+        # the channel that had used it, for as long as it stayed open, while a new
+        # channel's went to the new leader.
+        self._reset()
         if self._returned:
-            self._reset()  # the retry declares the queues again, as send_task would
             keys = ", ".join(repr(k) for k in dict.fromkeys(k for k, _ in self._returned))
             raise DispatchError(f"amqp broker returned {len(self._returned)} unroutable "
                                 f"messages (no queue bound to {keys})")
-        # A new channel for the retry: after a quorum queue's leader died, RabbitMQ
-        # (3.10 here) kept nacking every publish on the channel that had used it, for as
-        # long as it stayed open, while a new channel's went to the new leader.
-        self._reset()
         raise DispatchError(f"amqp broker refused (nack) {len(self._nacked)} messages of "
                             "the batch")
 
