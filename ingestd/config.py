@@ -64,17 +64,22 @@ def broker_urls(url: str) -> list[str]:
     return [u.strip() for u in _NEXT_URL.split(url.strip())]
 
 
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
+
+
 def _broker_url(v: str) -> str | None:
     urls = broker_urls(v)
     for url in urls:
-        if urlsplit(url).scheme not in ("redis", "rediss", *AMQP_SCHEMES):
-            return "a URL starting with redis://, rediss:// or amqp://"
+        if urlsplit(url).scheme not in (*REDIS_SCHEMES, *AMQP_SCHEMES):
+            return "a URL starting with redis://, rediss://, sentinel:// or amqp://"
         try:
             urlsplit(url).port  # noqa: B018  (raises on a bad port)
         except ValueError:
             return "a URL with a numeric port"
-    if len(urls) > 1 and any(urlsplit(u).scheme not in AMQP_SCHEMES for u in urls):
-        return "one redis:// URL, or amqp:// URLs joined by ';' (a failover list)"
+    schemes = {urlsplit(u).scheme for u in urls}
+    if len(urls) > 1 and not (schemes <= set(AMQP_SCHEMES) or schemes == {"sentinel"}):
+        return ("one redis:// URL, or amqp:// URLs joined by ';' (a failover list), or "
+                "sentinel:// URLs joined by ';' (Redis Sentinel)")
     return None
 
 
@@ -255,7 +260,16 @@ class Config:
         "redis://localhost:6379/0", metavar="URL", legacy_env="CELERY_BROKER_URL",
         check=_broker_url,
         help="Celery broker (redis://, amqp://; rediss://, amqps:// for TLS, verified); "
-             "amqp:// URLs joined by ';' are a failover list, tried in order")
+             "amqp:// URLs joined by ';' are a failover list, tried in order; "
+             "sentinel:// URLs joined by ';' are Redis Sentinels (with --broker-master-name)")
+    broker_master_name: str = setting(
+        "", metavar="NAME",
+        help="with sentinel:// URLs: the name of the Redis master the Sentinels watch "
+             "(kombu's master_name transport option)")
+    broker_min_replicas: int = setting(
+        0, parse=int, metavar="N", check=_non_negative,
+        help="Redis: a batch counts as accepted only once N replicas have it (WAIT, "
+             "after the LPUSH); 0: once the master has it")
     broker_tls_ca: str = setting(
         "", metavar="FILE", check=_file_or_empty,
         help="CA certificates (PEM) to verify a rediss:// or amqps:// broker with "
@@ -385,7 +399,11 @@ class Config:
 
     @property
     def broker_is_redis(self) -> bool:
-        return urlsplit(broker_urls(self.broker_url)[0]).scheme in ("redis", "rediss")
+        return urlsplit(broker_urls(self.broker_url)[0]).scheme in REDIS_SCHEMES
+
+    @property
+    def broker_is_sentinel(self) -> bool:
+        return urlsplit(broker_urls(self.broker_url)[0]).scheme == "sentinel"
 
     @property
     def task_limit(self) -> int:
@@ -675,9 +693,26 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if config.queue_type != "classic" and config.broker_is_redis:
         raise ConfigError(f"queue-type: {config.queue_type} queues are RabbitMQ's; a Redis "
                           "broker has lists, not queue types (use an amqp:// --broker-url)")
+    _check_broker(config)
     names = {f.name for f in SETTINGS}
     options = {k: v for k, v in args.items() if k not in names}
     return Loaded(config, sources, check, config_file, options)
+
+
+def _check_broker(config: Config) -> None:
+    """What the broker settings must agree on."""
+    if config.broker_is_sentinel and not config.broker_master_name:
+        raise ConfigError("broker-master-name: expected the name of the master the "
+                          "Sentinels watch (sentinel:// broker URLs)")
+    if config.broker_master_name and not config.broker_is_sentinel:
+        raise ConfigError("broker-master-name: only for sentinel:// broker URLs")
+    if config.broker_min_replicas and not config.broker_is_redis:
+        raise ConfigError("broker-min-replicas: Redis's WAIT; RabbitMQ's quorum queues "
+                          "confirm a message once a majority has it (--queue-type quorum)")
+    if config.broker_is_sentinel and (config.broker_tls_ca or config.broker_tls_cert
+                                      or config.broker_tls_insecure):
+        raise ConfigError("broker-tls: not offered with sentinel:// URLs (kombu would take "
+                          "TLS to the master but not to the Sentinels)")
 
 
 def _merged(f: dataclasses.Field[Any], args: Mapping[str, Any], env: Mapping[str, str],

@@ -17,6 +17,36 @@ def redis(url: str) -> None:
     redis_py.Redis.from_url(url, socket_connect_timeout=1).ping()
 
 
+def sentinel(target: str) -> None:
+    """``HOST:PORT,MASTER,REPLICAS,SENTINELS``: the Sentinel at HOST:PORT knows the master,
+    at least REPLICAS replicas of it and SENTINELS other Sentinels (they find each other
+    through the master, within seconds), so that a failover can be agreed."""
+    import redis as redis_py
+
+    address, name, replicas, others = target.split(",")
+    host, port = address.rsplit(":", 1)
+    state = redis_py.Redis(host, int(port), socket_connect_timeout=1,
+                           decode_responses=True).sentinel_master(name, return_responses=True)
+    if (not state["is_master"] or state["num-slaves"] < int(replicas)
+            or state["num-other-sentinels"] < int(others)):
+        raise RuntimeError(f"{name}: {state['num-slaves']} replicas, "
+                           f"{state['num-other-sentinels']} other sentinels")
+
+
+def sentinel_master(target: str) -> None:
+    """``HOST:PORT,MASTER``: print the master's address as the Sentinel names it."""
+    import redis as redis_py
+
+    address, name = target.split(",")
+    host, port = address.rsplit(":", 1)
+    master = redis_py.Redis(host, int(port), socket_connect_timeout=1,
+                            decode_responses=True).sentinel_get_master_addr_by_name(
+        name, return_responses=True)
+    if not master:
+        raise RuntimeError(f"{name}: no master known")
+    print(*master)
+
+
 def amqp(url: str) -> None:
     from kombu import Connection
 
@@ -27,7 +57,8 @@ def amqp(url: str) -> None:
 if __name__ == "__main__":
     kind, target = sys.argv[1], sys.argv[2]
     try:
-        {"kafka": kafka, "redis": redis, "amqp": amqp}[kind](target)
+        {"kafka": kafka, "redis": redis, "amqp": amqp, "sentinel": sentinel,
+         "sentinel-master": sentinel_master}[kind](target)
     except Exception as exc:
         print(f"{kind} not ready: {exc}", file=sys.stderr)
         sys.exit(1)

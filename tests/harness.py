@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 from confluent_kafka import KafkaException
+from redis.sentinel import MasterNotFoundError
 
 from ingestd import rdkafka
 from ingestd.celery import reference_tasks
@@ -337,16 +338,18 @@ class PrivateService:
     """One service of ``scripts/stack`` on its own ports and folder, beside the shared stack,
     so that a test can kill and restart it."""
 
-    def __init__(self, service: str, port_variable: str, second_port_variable: str,
-                 **env: str) -> None:
+    def __init__(self, service: str, **env: str) -> None:
         self.service = service
-        self.port = stack.free_port()
+        # Free ports for each of the service's port variables (:data:`PORTS`); the first
+        # is the one it is reached on.
+        self.ports = {variable: [stack.free_port() for _ in range(count)]
+                      for variable, count in PORTS[service]}
+        self.port = next(iter(self.ports.values()))[0]
         # Not under pytest's tmp_path (mode 0700): RabbitMQ runs as its own user.
         self.directory = Path(tempfile.mkdtemp(prefix=f"ingestd-{service}-"))
         self.directory.chmod(0o755)
         self.env = {**os.environ, "INGESTD_STACK_DIR": str(self.directory),
-                    port_variable: str(self.port), second_port_variable: str(stack.free_port()),
-                    **env}
+                    **{v: " ".join(map(str, ports)) for v, ports in self.ports.items()}, **env}
 
     def _stack(self, *args: str) -> None:
         done = subprocess.run([str(stack.REPO / "scripts" / "stack"), *args], env=self.env,
@@ -371,8 +374,9 @@ class PrivateService:
         """A RabbitMQ's Erlang node name, as scripts/stack names it."""
         return f"ingestd-{self.port}@localhost"
 
-    def kill(self) -> None:
-        pid = self.pid()
+    def kill(self, pid: int | None = None) -> None:
+        """SIGKILL the service (or its process ``pid``), and wait until it is gone."""
+        pid = pid or self.pid()
         os.kill(pid, signal.SIGKILL)
         assert wait_gone(pid)
 
@@ -412,19 +416,61 @@ def quorum_leader(queue: str, node: PrivateService) -> str:
     return next(str(row["leader"]) for row in rows if row["name"] == queue)
 
 
-PORTS = {"kafka": ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT"),
-         "rabbitmq": ("RABBITMQ_PORT", "RABBITMQ_DIST_PORT")}
+class Sentinels(PrivateService):
+    """scripts/stack's Redis Sentinel set of a test's own: a master, a replica and three
+    Sentinels watching it as ``ingestd``."""
+
+    MASTER = "ingestd"
+
+    def __init__(self, **env: str) -> None:
+        super().__init__("sentinel", **env)
+
+    @property
+    def url(self) -> str:
+        return stack.sentinel_url(self.ports["SENTINEL_PORTS"])
+
+    def master(self) -> int | None:
+        """The port of the master, as the Sentinels name it; None while they name none."""
+        try:
+            master, _ = stack.sentinel_nodes(self.ports["SENTINEL_PORTS"], self.MASTER)
+        except MasterNotFoundError:
+            return None
+        return int(master.connection_pool.connection_kwargs["port"])
+
+    def kill_master(self) -> int:
+        """SIGKILL the master; its port."""
+        port = self.master()
+        assert port is not None, "no Sentinel names a master"
+        self.kill(int((self.directory / "sentinel" / f"redis-{port}.pid").read_text()))
+        return port
+
+
+PORTS = {"kafka": (("KAFKA_PORT", 1), ("KAFKA_CONTROLLER_PORT", 1)),
+         "rabbitmq": (("RABBITMQ_PORT", 1), ("RABBITMQ_DIST_PORT", 1)),
+         "sentinel": (("SENTINEL_PORTS", 3), ("SENTINEL_REDIS_PORTS", 2))}
+
+
+def private_service(service: str, **env: str) -> contextlib.AbstractContextManager[PrivateService]:
+    """A service of ``scripts/stack`` of the caller's own, up until the block ends; ``env``
+    configures it (``KAFKA_AUTO_CREATE_TOPICS``, say)."""
+    return running(PrivateService(service, **env))
+
+
+def private_sentinels() -> contextlib.AbstractContextManager[Sentinels]:
+    """A Redis Sentinel set of the caller's own (scripts/stack up sentinel)."""
+    return running(Sentinels())
+
+
+Service = TypeVar("Service", bound=PrivateService)
 
 
 @contextlib.contextmanager
-def private_service(service: str, **env: str) -> Iterator[PrivateService]:
-    """A service of ``scripts/stack`` of the caller's own, up until the block ends; ``env``
-    configures it (``KAFKA_AUTO_CREATE_TOPICS``, say)."""
-    private = PrivateService(service, *PORTS[service], **env)
+def running(private: Service) -> Iterator[Service]:
+    """``private`` up until the block ends, then stopped and removed."""
     try:
         private.up()
         yield private
     finally:
-        if service == "kafka":
+        if private.service == "kafka":
             stack.forget_admin(private.address)
         private.remove()

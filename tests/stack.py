@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
 RABBITMQ_URL = f"amqp://guest:guest@127.0.0.1:{os.environ.get('RABBITMQ_PORT', '5672')}//"
+SENTINEL_MASTER = os.environ.get("SENTINEL_MASTER_NAME", "ingestd")
+SENTINEL_PORTS = [int(p) for p in os.environ.get("SENTINEL_PORTS", "26379 26380 26381").split()]
 REDIS_DATABASES = 64  # scripts/stack starts redis-server with --databases 64
 
 _db_numbers = itertools.cycle(range(1, REDIS_DATABASES))
@@ -34,6 +36,22 @@ _CLAIM = "ingestd-test-db:{}"
 
 def redis_url(db: int) -> str:
     return f"redis://127.0.0.1:{REDIS_PORT}/{db}"
+
+
+def sentinel_url(ports: list[int] = SENTINEL_PORTS) -> str:
+    """The ``--broker-url`` of Redis Sentinels: each of them, as kombu spells a list."""
+    return ";".join(f"sentinel://127.0.0.1:{port}" for port in ports)
+
+
+def sentinel_nodes(ports: list[int] = SENTINEL_PORTS,
+                   master: str = SENTINEL_MASTER) -> tuple[Any, list[Any]]:
+    """Clients of the master and of each replica, as the Sentinels name them."""
+    from redis.sentinel import Sentinel
+
+    sentinel = Sentinel([("127.0.0.1", port) for port in ports], socket_timeout=5)
+    host, port = sentinel.discover_master(master)
+    return redis.Redis(host, port), [redis.Redis(h, p)
+                                     for h, p in sentinel.discover_slaves(master)]
 
 
 def fresh_redis_db() -> int:

@@ -332,6 +332,54 @@ def test_redis_a_retry_drops_the_partitions_revoked_while_it_waited(
         assert_same_envelope(mine, celery_s)
 
 
+def _signals(topic: str, n: int) -> list[dispatch.Task]:
+    return [dispatch.Task(f"{topic}-0-{i}", topic, [orjson.dumps(obj)], [obj])
+            for i, obj in enumerate(CURATED[:n])]
+
+
+@pytest.mark.stack
+def test_redis_a_batch_too_few_replicas_confirmed_is_retried_as_a_wait(
+        dispatchers: Factory, redis_client: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--broker-min-replicas 1`` on the stack's Redis, which has no replica: the master
+    takes the batch, WAIT finds no replica, the batch is refused. Its retries are a WAIT
+    alone on the same connection (which covers what that connection wrote), so the
+    master holds the batch once; only a lost connection pushes it again."""
+    monkeypatch.setattr(dispatch, "REPLICA_WAIT_MS", 50)
+    d = dispatchers(broker_min_replicas=1)
+    packed = d.prepare(_signals("t", 5))
+    for _ in range(3):
+        with pytest.raises(DispatchError, match="0 of 1 replicas confirmed"):
+            d.send(packed)
+        assert redis_client.llen("celery") == 5
+    d.close()  # as when the connection is lost
+    with pytest.raises(DispatchError, match="0 of 1 replicas confirmed"):
+        d.send(packed)
+    assert redis_client.llen("celery") == 10
+
+
+@pytest.mark.sentinel
+def test_redis_sentinel_a_sent_batch_is_on_the_replica() -> None:
+    """Through the stack's Sentinels (``scripts/stack up --with-sentinel``) to the master
+    they name; with ``--broker-min-replicas 1`` the replica holds the batch once send()
+    returns."""
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    d = dispatch.create(Config(broker_url=stack.sentinel_url(), queue=queue,
+                               broker_master_name=stack.SENTINEL_MASTER, broker_min_replicas=1))
+    tasks = _signals("t", 5)
+    master, replicas = stack.sentinel_nodes()
+    try:
+        assert isinstance(d, dispatch.RedisDispatcher) and d.replicas() == len(replicas) >= 1
+        d.send(d.prepare(tasks))
+        assert d.queue_depths() == {queue: 5}
+        assert [r.llen(queue) for r in replicas] == [5] * len(replicas)
+        held = master.lrange(queue, 0, -1)
+        assert [json.loads(m)["headers"]["id"] for m in held[::-1]] == [t.task_id for t in tasks]
+    finally:
+        master.delete(queue)
+        d.close()
+
+
 def _send_task_as_routed(d: dispatch.Dispatcher, routes: dict[str, Any],
                          tasks: list[dispatch.Task]) -> None:
     app = d.app  # type: ignore[attr-defined]

@@ -510,3 +510,25 @@ def test_a_failover_list_of_amqp_urls() -> None:
                            "different TLS")]:
         with pytest.raises(ConfigError, match=expected):
             tls.resolve(Config(broker_url=bad))
+
+
+def test_redis_sentinel_urls_and_master_name() -> None:
+    urls = "sentinel://:pw@h1:26379/3;sentinel://:pw@h2:26379/3"
+    loaded = load(["--broker-url", urls, "--broker-master-name", "prod",
+                   "--broker-min-replicas", "1"]).config
+    assert loaded.broker_is_redis and loaded.broker_is_sentinel
+    assert (loaded.broker_master_name, loaded.broker_min_replicas) == ("prod", 1)
+    assert config.redact_url(urls) == "sentinel://:***@h1:26379/3;sentinel://:***@h2:26379/3"
+    env = {"INGESTD_BROKER_URL": urls, "INGESTD_BROKER_MASTER_NAME": "prod"}
+    assert load([], env).config.broker_master_name == "prod"
+    assert load(["--broker-min-replicas", "2"]).config.broker_min_replicas == 2  # plain Redis
+    for argv, expected in [
+            (["--broker-url", urls], "broker-master-name: expected the name"),
+            (["--broker-master-name", "prod"], "only for sentinel://"),
+            (["--broker-url", "amqp://h//", "--broker-min-replicas", "1"], "quorum queues"),
+            (["--broker-url", "sentinel://h1:26379;redis://h2:6379"], "Redis Sentinel"),
+            (["--broker-url", urls, "--broker-master-name", "p", "--broker-tls-insecure"],
+             "not offered with sentinel"),
+            (["--broker-min-replicas", "-1"], "a number >= 0")]:
+        with pytest.raises(ConfigError, match=expected):
+            load(argv, {})

@@ -253,6 +253,41 @@ def test_amqp_broker_tasks_run_on_celery(topic_factory: Callable[..., str], redi
                    for o in range(end)}
 
 
+@pytest.mark.sentinel
+def test_redis_sentinel_tasks_run_on_celery(topic_factory: Callable[..., str],
+                                            redis_db: int) -> None:
+    """ingestd and a stock celery worker set up for Sentinel as Celery documents it
+    (``tests/sentinel_celeryconfig.py``), both given the stack's Sentinels: every record
+    runs; ``--check`` reaches the master they name and counts its replicas."""
+    topic = topic_factory(partitions=2)
+    n = 1000
+    stack.produce(topic, (stack.signal_record(i) for i in range(n)))
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    results_url = stack.redis_url(redis_db)
+    sentinel = ("--broker-master-name", stack.SENTINEL_MASTER, "--broker-min-replicas", "1",
+                "--queue", queue)
+    args = stack.ingestd_args(topic, stack.group(), stack.sentinel_url(), *sentinel)
+    check = subprocess.run([sys.executable, "-m", "ingestd", "--check", *args],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"queue {queue} holds 0 messages" in check.stdout
+    assert "the master has 1 replicas connected" in check.stdout
+    env = {"INGESTD_RESULTS_URL": results_url,
+           "CELERY_CONFIG_MODULE": "tests.sentinel_celeryconfig"}
+    try:
+        with stack.Ingestd(*args) as ingestd, \
+                stack.celery_worker(stack.sentinel_url(), queue=queue, env=env):
+            results = redis.Redis.from_url(results_url)
+            assert stack.wait_until(lambda: results.hlen(reference_tasks.SCORES_KEY) >= n, 120)
+            ingestd.signal(signal.SIGTERM)
+            assert ingestd.wait(60) == 0
+    finally:
+        stack.sentinel_nodes()[0].delete(queue)
+    ids = {k.decode() for k in results.hkeys(reference_tasks.SCORES_KEY)}
+    assert ids == {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, 2).items()
+                   for o in range(end)}
+
+
 def test_backpressure_pauses_above_max_queue_depth(topic_factory: Callable[..., str],
                                                    broker_url: str) -> None:
     topic = topic_factory(partitions=1)

@@ -36,6 +36,7 @@ from ingestd.errors import DispatchError
 
 CONNECT_TIMEOUT = 5.0
 BROKER_TIMEOUT = 10.0  # a socket read or write, and the wait for AMQP confirms
+REPLICA_WAIT_MS = 2000  # Redis's WAIT for --broker-min-replicas, below BROKER_TIMEOUT
 
 
 class Task(NamedTuple):
@@ -136,13 +137,15 @@ def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
     connect = min(CONNECT_TIMEOUT, timeout)
     # kombu's Redis transport has no socket timeout by default, py-amqp none for reads
     # and writes: without these, a dropped network path would hang a publish forever.
-    timeouts = ({"socket_timeout": timeout, "socket_connect_timeout": connect,
+    options: dict[str, Any] = ({"socket_timeout": timeout, "socket_connect_timeout": connect,
                  "socket_keepalive": True} if config.broker_is_redis else
                 {"read_timeout": timeout, "write_timeout": timeout})
+    if config.broker_is_sentinel:  # the Sentinels name the master; kombu asks them
+        options["master_name"] = config.broker_master_name
     # Queues are declared by Celery's own definitions (``app.amqp.queues``): with the
     # queue type a celery worker configured the same way declares, argument for argument.
     app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False,
-                    broker_connection_timeout=connect, broker_transport_options=timeouts,
+                    broker_connection_timeout=connect, broker_transport_options=options,
                     broker_use_ssl=use_ssl, task_default_queue_type=config.queue_type,
                     task_create_missing_queue_type=config.queue_type)
     return app
@@ -324,6 +327,9 @@ class RedisDispatcher(_Base):
 
     def __init__(self, app: Celery, config: Config) -> None:
         self._conn: Any = None
+        # The batch the master took but too few replicas confirmed, and the master's replies.
+        self._unreplicated: tuple[Packed, list[Any]] | None = None
+        self.min_replicas = config.broker_min_replicas
         super().__init__(app, config)
 
     def _new_target(self, route: Route) -> RedisTarget:
@@ -397,15 +403,31 @@ class RedisDispatcher(_Base):
             target.key, self.encode(tasks, tags, target))
 
     def send(self, packed: Packed) -> None:
+        """With ``--broker-min-replicas`` a WAIT follows the LPUSHes. A batch the master
+        holds but too few replicas confirmed is retried as that WAIT alone, on the same
+        connection (WAIT covers all its earlier writes): it is pushed again only when the
+        connection is lost (a failover, say), so at most that batch is duplicated."""
         if not packed.replies:
             return
+        pending = self._unreplicated  # this batch's, pushed on this connection: WAIT only
+        pending = pending if pending is not None and pending[0] is packed else None
+        waiting = self.min_replicas > 0
         try:
             conn = self._lpush_conn()
-            conn.send_packed_command([packed.data], check_health=False)
-            replies = [conn.read_response() for _ in range(packed.replies)]
+            wait = conn.pack_command("WAIT", self.min_replicas, REPLICA_WAIT_MS) if waiting else []
+            conn.send_packed_command(([] if pending else [packed.data]) + wait,
+                                     check_health=False)
+            replies = (pending[1] if pending else
+                       [conn.read_response() for _ in range(packed.replies)])
+            replicas = conn.read_response() if waiting else 0
         except Exception as exc:  # a refusal of a lone LPUSH too: it is read as raised
             self._reset()
             raise _error("redis LPUSH failed", exc) from exc
+        self._unreplicated = None
+        if replicas < self.min_replicas:
+            self._unreplicated = (packed, replies)
+            raise DispatchError(f"redis WAIT: {replicas} of {self.min_replicas} replicas "
+                                f"confirmed the batch within {REPLICA_WAIT_MS} ms")
         last = replies[-1]
         if isinstance(last, list):  # the transaction's: an error for each refused LPUSH
             refused = [c for c, r in zip(packed.commands, last, strict=True)
@@ -429,7 +451,16 @@ class RedisDispatcher(_Base):
             with contextlib.suppress(Exception):
                 self._conn.disconnect()
             self._conn = None
+        self._unreplicated = None  # what the lost connection wrote is pushed again
         super()._reset()
+
+    def replicas(self) -> int:
+        """How many replicas the master has connected (``INFO replication``)."""
+        try:
+            return int(self._declare().client.info("replication")["connected_slaves"])
+        except Exception as exc:
+            self._reset()
+            raise _error("redis INFO failed", exc) from exc
 
     def queue_depths(self) -> dict[str, int]:
         try:

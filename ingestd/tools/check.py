@@ -103,6 +103,8 @@ def check_broker(config: cfg.Config) -> list[str]:
     try:
         dispatcher = dispatch.create(config)
         depths = dispatcher.queue_depths()
+        replicas = (dispatcher.replicas() if isinstance(dispatcher, dispatch.RedisDispatcher)
+                    else 0)
         dispatcher.close()
     except IngestdError as exc:
         return [f"{broker}: {exc}"]
@@ -110,6 +112,13 @@ def check_broker(config: cfg.Config) -> list[str]:
         return [f"{broker}: unreachable ({exc})"]
     for queue, depth in depths.items():  # one line a queue, as without routes
         print(f"{broker}: reachable, queue {queue} holds {depth} messages")
+    if config.broker_min_replicas:
+        if replicas < config.broker_min_replicas:
+            return [f"{broker}: the master has {replicas} replicas connected; with "
+                    f"--broker-min-replicas {config.broker_min_replicas} every batch would "
+                    "wait for more"]
+        print(f"  the master has {replicas} replicas connected (--broker-min-replicas "
+              f"{config.broker_min_replicas})")
     for topic, route in config.routes.items():
         print(f"  route {topic} -> task {route.task} on queue {route.queue}")
     return []

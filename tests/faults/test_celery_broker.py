@@ -26,7 +26,15 @@ import redis
 
 from tests import stack
 from tests.conftest import PrivateRedis
-from tests.harness import PrivateService, Run, private_service, quorum_leader, rabbitmq_cluster
+from tests.harness import (
+    BATCH,
+    PrivateService,
+    Run,
+    private_sentinels,
+    private_service,
+    quorum_leader,
+    rabbitmq_cluster,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -133,6 +141,33 @@ def test_redis_paused_or_restarted_under_load(
     code = run.stop(ingestd)
     run.verify(max_duplicates=None)
     assert settled and code == 0, run.logs()
+
+
+@pytest.mark.timeout(600)
+def test_redis_sentinel_master_killed_under_load(make_run: Callable[..., Run]) -> None:
+    """A Redis master, its replica and three Sentinels; ingestd and a Sentinel-aware celery
+    worker given the Sentinels. The master is SIGKILLed under load: the Sentinels promote
+    the replica, and both follow. With ``--broker-min-replicas 1`` a batch counts only
+    once the replica has it too, so what the dead master held alone was never committed:
+    batches wait until the old master is back, as the new one's replica. Nothing is
+    lost; a worker pushes again at most the one batch its lost connection held."""
+    with private_sentinels() as sentinels:
+        run = make_run(broker_url=sentinels.url, celery=False)
+        run.start_celery(env={"CELERY_CONFIG_MODULE": "tests.sentinel_celeryconfig"})
+        ingestd = run.ingestd(*RETRY, "--broker-master-name", sentinels.MASTER,
+                              "--broker-min-replicas", "1")
+        run.load.start(LOAD // 2, LOAD_SECONDS // 2)
+        run.wait_progress(STEP)
+        old = sentinels.kill_master()
+        try:
+            assert stack.wait_until(lambda: sentinels.master() != old, 60), run.logs()
+            time.sleep(OUTAGE)
+        finally:
+            sentinels.up()  # the old master, back as the new one's replica
+        settled = run.settle()
+        code = run.stop(ingestd)
+        run.verify(max_duplicates=2 * BATCH)  # a batch per worker
+        assert settled and code == 0, run.logs()
 
 
 @pytest.mark.amqp
