@@ -338,12 +338,13 @@ class PrivateService:
     """One service of ``scripts/stack`` on its own ports and folder, beside the shared stack,
     so that a test can kill and restart it."""
 
-    def __init__(self, service: str, **env: str) -> None:
+    def __init__(self, service: str, ports: tuple[tuple[str, int], ...] | None = None,
+                 **env: str) -> None:
         self.service = service
-        # Free ports for each of the service's port variables (:data:`PORTS`); the first
-        # is the one it is reached on.
+        # Free ports for each of the service's port variables (``ports``, by default
+        # :data:`PORTS`'s); the first is the one it is reached on.
         self.ports = {variable: [stack.free_port() for _ in range(count)]
-                      for variable, count in PORTS[service]}
+                      for variable, count in ports or PORTS[service]}
         self.port = next(iter(self.ports.values()))[0]
         # Not under pytest's tmp_path (mode 0700): RabbitMQ runs as its own user.
         self.directory = Path(tempfile.mkdtemp(prefix=f"ingestd-{service}-"))
@@ -445,6 +446,44 @@ class Sentinels(PrivateService):
         return port
 
 
+class KafkaCluster(PrivateService):
+    """scripts/stack's Kafka as a cluster of ``size`` KRaft nodes of a test's own (each a
+    broker and a controller; topics replicated 3 times, min.insync.replicas=2), whose
+    nodes it may kill and restart."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__("kafka", (("KAFKA_PORTS", size), ("KAFKA_CONTROLLER_PORTS", size)))
+        self.size = size
+
+    @property
+    def address(self) -> str:
+        """The bootstrap servers: every node."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.ports["KAFKA_PORTS"])
+
+    def node_pid(self, node: int) -> int:
+        folder = "kafka" if node == 1 else f"kafka-{node}"
+        return int((self.directory / folder / "kafka.pid").read_text())
+
+    def leaders(self, topic: str) -> dict[int, int]:
+        """Each partition's leader (a node id) as the cluster says now."""
+        meta = stack.admin(self.address).list_topics(topic, timeout=10).topics[topic]
+        return {p: m.leader for p, m in meta.partitions.items()}
+
+    def coordinator(self, group: str) -> int:
+        """The node of the group's coordinator."""
+        future = stack.admin(self.address).describe_consumer_groups([group])[group]
+        return int(future.result(timeout=30).coordinator.id)
+
+    def in_sync(self) -> bool:
+        """Whether every partition of every topic has all its replicas in sync: a node that
+        came back has caught up."""
+        try:
+            topics = stack.admin(self.address).list_topics(timeout=10).topics.values()
+        except KafkaException:
+            return False
+        return all(len(p.isrs) == len(p.replicas) for t in topics for p in t.partitions.values())
+
+
 PORTS = {"kafka": (("KAFKA_PORT", 1), ("KAFKA_CONTROLLER_PORT", 1)),
          "rabbitmq": (("RABBITMQ_PORT", 1), ("RABBITMQ_DIST_PORT", 1)),
          "sentinel": (("SENTINEL_PORTS", 3), ("SENTINEL_REDIS_PORTS", 2))}
@@ -454,6 +493,11 @@ def private_service(service: str, **env: str) -> contextlib.AbstractContextManag
     """A service of ``scripts/stack`` of the caller's own, up until the block ends; ``env``
     configures it (``KAFKA_AUTO_CREATE_TOPICS``, say)."""
     return running(PrivateService(service, **env))
+
+
+def kafka_cluster(size: int = 3) -> contextlib.AbstractContextManager[KafkaCluster]:
+    """A Kafka cluster of the caller's own (scripts/stack up kafka, on ``size`` nodes)."""
+    return running(KafkaCluster(size))
 
 
 def private_sentinels() -> contextlib.AbstractContextManager[Sentinels]:

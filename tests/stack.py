@@ -89,9 +89,10 @@ def forget_admin(bootstrap: str) -> None:
 
 def create_topic(partitions: int = 1, prefix: str = "t", bootstrap: str = BOOTSTRAP,
                  name: str | None = None, config: dict[str, str] | None = None) -> str:
-    """A new topic; ``config`` holds topic settings such as ``max.message.bytes``."""
+    """A new topic, replicated as the cluster's default says; ``config`` holds topic
+    settings such as ``max.message.bytes``."""
     name = name or f"{prefix}-{uuid.uuid4().hex[:12]}"
-    futures = admin(bootstrap).create_topics([NewTopic(name, partitions, 1, config=config or {})],
+    futures = admin(bootstrap).create_topics([NewTopic(name, partitions, config=config or {})],
                                              operation_timeout=15)
     futures[name].result(timeout=30)
     wait_for_topic(name, partitions, bootstrap=bootstrap)

@@ -77,3 +77,21 @@ def test_a_partition_that_found_an_owner_starts_its_grace_anew(
     clock.now += 2
     w.check()
     assert w.status == READY
+
+
+def test_a_cluster_that_does_not_answer_in_time_is_logged_not_fatal(
+        watcher: tuple[owners.Watcher, Clock, dict[str, list[int]]],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The admin future's timeout (the group coordinator's node just died) is logged, as
+    Kafka's own errors are; the watcher asks again at its next check."""
+    import concurrent.futures
+
+    def late(*_a: Any) -> dict[str, list[int]]:
+        raise concurrent.futures.TimeoutError()
+
+    w, _, _ = watcher
+    monkeypatch.setattr(owners, "unowned", late)
+    with caplog.at_level(logging.WARNING, logger="ingestd.owners"):
+        w.check()
+    assert w.status == READY
+    assert "cannot ask the cluster who owns which partition: no answer" in caplog.text

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from ingestd import dlq
 from ingestd.celery import reference_tasks
@@ -286,6 +286,35 @@ def test_redis_sentinel_tasks_run_on_celery(topic_factory: Callable[..., str],
     ids = {k.decode() for k in results.hkeys(reference_tasks.SCORES_KEY)}
     assert ids == {f"{topic}-{p}-{o}" for p, end in stack.end_offsets(topic, 2).items()
                    for o in range(end)}
+
+
+def test_librdkafka_keeps_a_partition_paused_across_unassign_and_assign(
+        topic_factory: Callable[..., str]) -> None:
+    """Why a worker resumes each partition it is assigned unless it pauses it: librdkafka
+    resets only its own pause flag on an assign, not the application's."""
+    topic = topic_factory(partitions=1)
+    stack.produce(topic, (stack.signal_record(i) for i in range(10)))
+    consumer = Consumer({"bootstrap.servers": stack.BOOTSTRAP, "group.id": stack.group(),
+                         "enable.auto.commit": False})
+    tps = [TopicPartition(topic, 0, 0)]
+    try:
+        consumer.incremental_assign(tps)
+        consumer.pause(tps)
+        assert consumer.consume(10, 0.5) == []  # served: the pause took effect
+        consumer.incremental_unassign(tps)
+        consumer.consume(10, 0.5)
+        consumer.incremental_assign(tps)
+        assert consumer.consume(10, 3) == []
+        consumer.resume(tps)
+        got: list[Message] = []
+
+        def all_ten() -> bool:
+            got.extend(consumer.consume(10, 0.5))
+            return len(got) >= 10
+
+        assert stack.wait_until(all_ten, 30)
+    finally:
+        consumer.close()
 
 
 def test_backpressure_pauses_above_max_queue_depth(topic_factory: Callable[..., str],

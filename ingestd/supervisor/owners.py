@@ -14,6 +14,7 @@ supervisor shows on ``/readyz``, says which.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import time
@@ -82,6 +83,10 @@ class Watcher:
         except KafkaException as exc:
             self.errors.warning("cannot ask the cluster who owns which partition: %s",
                                 exc.args[0].str())
+            return
+        except concurrent.futures.TimeoutError:  # the coordinator's node died, say
+            self.errors.warning("cannot ask the cluster who owns which partition: no "
+                                "answer within %.0fs", REQUEST_TIMEOUT)
             return
         now = time.monotonic()
         current = {(t, p) for t, parts in found.items() for p in parts}

@@ -282,10 +282,15 @@ class Worker:
     # --- partitions coming and going (called inside consume()) --------------
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
-        """New partitions start paused while any pause reason holds."""
+        """New partitions start paused while any pause reason holds, and resumed
+        otherwise: librdkafka keeps a partition paused by the application across its
+        unassign and assign, so one lost or revoked during a wait (a commit that waited
+        on a dead group coordinator, say) would come back paused for good."""
         self._owned(partitions, True)
         if self.pauses:
             self.consumer.pause(partitions)
+        else:
+            self.consumer.resume(partitions)
 
     def revoking(self, partitions: list[TopicPartition]) -> None:
         """Let the batch in flight finish, so that its offsets are stored before the
