@@ -23,8 +23,8 @@ from tests.harness import BATCH, KafkaCluster, Run, kafka_cluster, wait_gone
 
 pytestmark = pytest.mark.stack
 
-LOAD = 10_000
-LOAD_SECONDS = 12
+LOAD = 6_000
+LOAD_SECONDS = 8
 STEP = 1_000
 SESSION_TIMEOUT_S = 10  # ingestd's session.timeout.ms (ingestd/kafka.py)
 DOWN = 3.0  # seconds a stopped node stays down
