@@ -4,7 +4,8 @@ Each topic's tasks go by its route (``--route``, else ``--task`` on ``--queue``)
 a :class:`Target` per route holds the message template Celery built for it.
 
 Redis: one multi-value LPUSH of kombu's JSON envelopes per queue, several in one
-MULTI/EXEC transaction (each LPUSH all or nothing; Redis rolls none back). AMQP:
+MULTI/EXEC transaction (each LPUSH all or nothing; Redis rolls none back), then,
+with ``--broker-min-replicas``, a WAIT for that many replicas to have it. AMQP:
 every message published ``mandatory`` on a confirm-mode channel, then one wait
 for the broker's acks covering the whole batch; a message the broker returns as
 unroutable (its queue deleted or expired) or nacks refuses the batch.
@@ -137,9 +138,9 @@ def celery_app(config: Config, timeout: float = BROKER_TIMEOUT) -> Celery:
     connect = min(CONNECT_TIMEOUT, timeout)
     # kombu's Redis transport has no socket timeout by default, py-amqp none for reads
     # and writes: without these, a dropped network path would hang a publish forever.
-    options: dict[str, Any] = ({"socket_timeout": timeout, "socket_connect_timeout": connect,
-                 "socket_keepalive": True} if config.broker_is_redis else
-                {"read_timeout": timeout, "write_timeout": timeout})
+    options: dict[str, Any] = (
+        {"socket_timeout": timeout, "socket_connect_timeout": connect, "socket_keepalive": True}
+        if config.broker_is_redis else {"read_timeout": timeout, "write_timeout": timeout})
     if config.broker_is_sentinel:  # the Sentinels name the master; kombu asks them
         options["master_name"] = config.broker_master_name
     # Queues are declared by Celery's own definitions (``app.amqp.queues``): with the

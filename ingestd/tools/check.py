@@ -103,8 +103,9 @@ def check_broker(config: cfg.Config) -> list[str]:
     try:
         dispatcher = dispatch.create(config)
         depths = dispatcher.queue_depths()
-        replicas = (dispatcher.replicas() if isinstance(dispatcher, dispatch.RedisDispatcher)
-                    else 0)
+        # INFO only when asked for: a Redis ACL user may be allowed no more than lists.
+        replicas = (dispatcher.replicas() if config.broker_min_replicas
+                    and isinstance(dispatcher, dispatch.RedisDispatcher) else 0)
         dispatcher.close()
     except IngestdError as exc:
         return [f"{broker}: {exc}"]
