@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
 def kafka(bootstrap: str) -> None:
@@ -17,16 +18,20 @@ def redis(url: str) -> None:
     redis_py.Redis.from_url(url, socket_connect_timeout=1).ping()
 
 
+def _sentinel(address: str) -> Any:
+    """A client of the Sentinel at ``HOST:PORT``."""
+    import redis as redis_py
+
+    host, port = address.rsplit(":", 1)
+    return redis_py.Redis(host, int(port), socket_connect_timeout=1, decode_responses=True)
+
+
 def sentinel(target: str) -> None:
     """``HOST:PORT,MASTER,REPLICAS,SENTINELS``: the Sentinel at HOST:PORT knows the master,
     at least REPLICAS replicas of it and SENTINELS other Sentinels (they find each other
     through the master, within seconds), so that a failover can be agreed."""
-    import redis as redis_py
-
     address, name, replicas, others = target.split(",")
-    host, port = address.rsplit(":", 1)
-    state = redis_py.Redis(host, int(port), socket_connect_timeout=1,
-                           decode_responses=True).sentinel_master(name, return_responses=True)
+    state = _sentinel(address).sentinel_master(name, return_responses=True)
     if (not state["is_master"] or state["num-slaves"] < int(replicas)
             or state["num-other-sentinels"] < int(others)):
         raise RuntimeError(f"{name}: {state['num-slaves']} replicas, "
@@ -35,13 +40,8 @@ def sentinel(target: str) -> None:
 
 def sentinel_master(target: str) -> None:
     """``HOST:PORT,MASTER``: print the master's address as the Sentinel names it."""
-    import redis as redis_py
-
     address, name = target.split(",")
-    host, port = address.rsplit(":", 1)
-    master = redis_py.Redis(host, int(port), socket_connect_timeout=1,
-                            decode_responses=True).sentinel_get_master_addr_by_name(
-        name, return_responses=True)
+    master = _sentinel(address).sentinel_get_master_addr_by_name(name, return_responses=True)
     if not master:
         raise RuntimeError(f"{name}: no master known")
     print(*master)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ingestd.kafka import GROUP_PROTOCOLS
 from tests import stack
 from tests.harness import BATCH, KafkaCluster, Run, kafka_cluster, wait_gone
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.stack
 LOAD = 6_000
 LOAD_SECONDS = 8
 STEP = 1_000
-SESSION_TIMEOUT_S = 10  # ingestd's session.timeout.ms (ingestd/kafka.py)
+SESSION_TIMEOUT_S = GROUP_PROTOCOLS["classic"]["session.timeout.ms"] / 1000  # ingestd's
 DOWN = 3.0  # seconds a stopped node stays down
 
 
