@@ -513,6 +513,16 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+class _Version(argparse.Action):
+    """``--version``: the libraries are imported only when it is asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        from ingestd import version
+
+        print("\n".join(version.lines()))
+        parser.exit(0)
+
+
 def build_parser(prog: str = "ingestd", description: str = "Move signals from Kafka into "
                  "Celery.", only: Collection[str] | None = None) -> argparse.ArgumentParser:
     """The daemon's parser; or, for a command that shares the daemon's configuration
@@ -527,6 +537,9 @@ def build_parser(prog: str = "ingestd", description: str = "Move signals from Ka
         p.add_argument("--check", action="store_true",
                        help="validate, reach Kafka and the Celery broker, print the effective "
                             "configuration, exit 0/1")
+        p.add_argument("--version", action=_Version, nargs=0,
+                       help="print the versions of ingestd and its libraries, and whether the "
+                            "C hot path is built, then exit")
     for f in SETTINGS:
         if only is not None and f.name not in only:
             continue

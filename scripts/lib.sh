@@ -55,13 +55,25 @@ apt_install() {
     return 0
 }
 
+# A command the tests run, from a Debian package (as root, installed with apt-get):
+#   ensure_command COMMAND PACKAGE WHY
+ensure_command() {
+    local cmd=$1 package=$2 why=$3
+    command -v "$cmd" >/dev/null && return 0
+    [ "$(id -u)" = 0 ] || die "$cmd not found; install it with: sudo apt-get install $package"
+    command -v apt-get >/dev/null || die "$cmd not found and no apt-get; install $cmd ($why)"
+    say "installing $package (for $cmd: $why) with apt-get"
+    apt_install --no-install-recommends "$package"
+    command -v "$cmd" >/dev/null || die "apt-get installed $package but $cmd is still missing"
+}
+
 # tests/test_systemd_unit.py checks deploy/systemd/ingestd.service with
-# systemd-analyze, from Debian's systemd package (also where systemd is not PID 1).
+# systemd-analyze (systemd 250 or newer; also where systemd is not PID 1).
 ensure_systemd_analyze() {
-    command -v systemd-analyze >/dev/null && return 0
-    [ "$(id -u)" = 0 ] || die "systemd-analyze not found; install it with: sudo apt-get install systemd"
-    command -v apt-get >/dev/null || die "systemd-analyze not found and no apt-get; install systemd-analyze (systemd 250 or newer)"
-    say "installing systemd (for systemd-analyze) with apt-get"
-    apt_install systemd
-    command -v systemd-analyze >/dev/null || die "apt-get installed systemd but systemd-analyze is still missing"
+    ensure_command systemd-analyze systemd "checks deploy/systemd/ingestd.service"
+}
+
+# tests/test_deploy.py tests deploy/prometheus' alert rules with promtool.
+ensure_promtool() {
+    ensure_command promtool prometheus "tests deploy/prometheus/ingestd-alerts.yml"
 }

@@ -162,6 +162,19 @@ BAD_ARGS = [
 ]
 
 
+def test_version_names_ingestd_its_libraries_and_the_hot_path() -> None:
+    import confluent_kafka
+
+    result = run_cli("--version", "--workers", "not-a-number")  # it exits before validating
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "ingestd 0.1.0"
+    for name in ("confluent-kafka", "celery", "kombu", "msgspec"):
+        assert any(re.fullmatch(rf"{name} \d+\.\d+\S*", line) for line in lines), lines
+    assert f"librdkafka {confluent_kafka.libversion()[0]}" in lines
+    assert lines[-1] == "hot path: C (ingestd._native)"
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], words: list[str]) -> str:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.splitlines()
@@ -278,7 +291,7 @@ def test_check_prints_every_setting_with_its_source_and_reaches_both(
     assert shown["task"][0] == repr(TASK)
     lines = result.stdout.splitlines()
     assert f"  source topic {topic}: 4 partitions" in lines, result.stdout
-    assert "hot path: C (ingestd._native)" in lines, result.stdout
+    assert "ingestd 0.1.0" in lines and "hot path: C (ingestd._native)" in lines, result.stdout
     assert any(line.startswith(f"celery broker {broker_url}: reachable") for line in lines), \
         result.stdout
     assert not [line for line in lines if line.startswith("problem:")]

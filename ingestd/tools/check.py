@@ -12,8 +12,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from ingestd import config as cfg
-from ingestd import kafka, rdkafka
-from ingestd.celery import codec, dispatch
+from ingestd import kafka, rdkafka, version
+from ingestd.celery import dispatch
 from ingestd.celery import tls as brokertls
 from ingestd.errors import ExitCode, IngestdError
 from ingestd.supervisor.supervisor import INSECURE
@@ -27,8 +27,8 @@ def run_check(loaded: cfg.Loaded) -> int:
     print("effective configuration:")
     for line in cfg.describe(loaded):
         print("  " + line)
-    print("hot path: " + ("C (ingestd._native)" if codec.native is not None else
-                          "Python (ingestd._native was not built: pip found no C compiler)"))
+    for line in version.lines():
+        print(line)
     if brokertls.insecure(config):
         print(f"warning: {INSECURE}")
     problems: list[str] = []
