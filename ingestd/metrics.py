@@ -66,6 +66,9 @@ rate_limited = Gauge("ingestd_rate_limited",
 unowned_partitions = Gauge("ingestd_unowned_partitions",
                            "Partitions of a subscribed topic that no member of the group owns",
                            ["topic"], multiprocess_mode="livemax")
+owners_checked = Gauge("ingestd_owners_checked_timestamp_seconds",
+                       "When the ownership watcher last had the cluster's answer behind "
+                       "ingestd_unowned_partitions (Unix time)", multiprocess_mode="livemax")
 
 
 # --- dead processes ------------------------------------------------------------

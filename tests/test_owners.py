@@ -5,6 +5,7 @@ is in the fault suite."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,9 +90,15 @@ def test_a_cluster_that_does_not_answer_in_time_is_logged_not_fatal(
     def late(*_a: Any) -> dict[str, list[int]]:
         raise concurrent.futures.TimeoutError()
 
+    from ingestd import metrics
+
     w, _, _ = watcher
+    w.check()
+    checked = metrics.owners_checked._value.get()
+    assert abs(checked - time.time()) < 60  # the answer's time, for `ingestd status`
     monkeypatch.setattr(owners, "unowned", late)
     with caplog.at_level(logging.WARNING, logger="ingestd.owners"):
         w.check()
     assert w.status == READY
+    assert metrics.owners_checked._value.get() == checked  # no answer: the old one's age
     assert "cannot ask the cluster who owns which partition: no answer" in caplog.text

@@ -74,6 +74,7 @@ def test_status_agrees_with_metrics_while_two_workers_run(
             metrics, "ingestd_dlq_produced_total", topic=topic) == len(INVALID)
         assert totals["consumed"]["per_second"] == 0.0  # nothing came during the second
         assert status["unowned_partitions"] == 0 and status["backpressure_paused_workers"] == 0
+        assert 0 <= status["unowned_partitions_age_seconds"] < 30  # the watcher asks every 5 s
         assert status["lag"] == 0
         workers = status["workers"]
         assert [w["slot"] for w in workers] == [0, 1]
@@ -116,13 +117,15 @@ def test_status_bad_flag_exits_2_with_one_line() -> None:
 
 
 def reading(at: float, dispatched: float, ready: bool = True) -> Reading:
-    return Reading(at, {
+    return Reading(at, 1_000_000 + at, {
         "ingestd_messages_consumed_total": [({"topic": "t"}, dispatched + 1)],
         "ingestd_messages_dispatched_total": [({"topic": "t", "task": "x"}, dispatched)],
         "ingestd_worker_dispatched_total": [({"slot": "0"}, dispatched)],
         "ingestd_assigned_partitions": [({"slot": "0", "topic": "t", "partition": "1"}, 1.0),
                                         ({"slot": "0", "topic": "t", "partition": "0"}, 0.0)],
         "ingestd_consumer_lag": [({"topic": "t", "partition": "1"}, 7.0)],
+        "ingestd_unowned_partitions": [({"topic": "t"}, 2.0)],
+        "ingestd_owners_checked_timestamp_seconds": [({}, 1_000_000 + at - 4.0)],
     }, {"ready": ready, "workers": {} if ready else {"1": "not running"},
         "detail": {"workers": [{"slot": 0, "pid": 10, "state": "ready", "restarts": 2},
                                {"slot": 1, "pid": None, "state": "not running", "restarts": 0}]}})
@@ -139,6 +142,18 @@ def test_snapshot_rates_partitions_and_lag_per_worker() -> None:
     text = render(status, "http://h:1")
     assert text.splitlines()[0] == "ingestd at http://h:1: NOT READY (1: not running)"
     assert "t[1]" in text
+    # The watcher's count is not from the rows' snapshot: the line says how old it is.
+    assert status["unowned_partitions"] == 2 and status["unowned_partitions_age_seconds"] == 4.0
+    assert "partitions without an owner 2 (as the cluster said 4s ago)" in text
+
+
+def test_snapshot_without_an_ownership_watcher_gives_no_age() -> None:
+    before = reading(10.0, 100.0)
+    now = reading(12.0, 300.0)
+    del now.samples["ingestd_owners_checked_timestamp_seconds"]  # --assignment static
+    status = snapshot(now, before)
+    assert status["unowned_partitions_age_seconds"] is None
+    assert "partitions without an owner 2; restarts" in render(status, "http://h:1")
 
 
 def lag(samples: Samples, topic: str) -> float:

@@ -58,6 +58,7 @@ class Watcher:
         self.config = config
         self.beat = beat
         self.gauge = metrics.unowned_partitions
+        self.checked = metrics.owners_checked
         props: dict[str, Any] = {**kafka.client_config(config, "admin"),
                                  "logger": logging.getLogger("librdkafka")}
         self.admin = AdminClient(props)
@@ -92,6 +93,7 @@ class Watcher:
         current = {(t, p) for t, parts in found.items() for p in parts}
         for topic, parts in found.items():
             self.gauge.labels(topic).set(len(parts))
+        self.checked.set_to_current_time()
         self.since = {key: self.since.get(key, now) for key in current}
         overdue = {key for key, first in self.since.items() if now - first >= GRACE}
         self.status = self._describe(overdue, now) if overdue else READY

@@ -40,6 +40,7 @@ class Reading:
     """One scrape of /metrics and /readyz."""
 
     at: float
+    wall: float  # time.time() at ``at``
     samples: dict[str, list[tuple[dict[str, str], float]]]  # sample name -> (labels, value)
     readyz: dict[str, Any]
 
@@ -64,7 +65,7 @@ def read(url: str) -> Reading:
         readyz = orjson.loads(_get(f"{url}/readyz?verbose"))
     except orjson.JSONDecodeError as exc:
         raise Unreachable(f"{url}/readyz: not JSON: {exc}") from None
-    return Reading(time.monotonic(), samples, readyz)
+    return Reading(time.monotonic(), time.time(), samples, readyz)
 
 
 def _get(url: str) -> bytes:
@@ -126,6 +127,9 @@ def snapshot(now: Reading, before: Reading | None) -> dict[str, Any]:
         "lag": int(sum(lag.values())),
         "backpressure_paused_workers": int(now.total("ingestd_backpressure_paused")),
         "unowned_partitions": int(now.total("ingestd_unowned_partitions")),
+        # The ownership watcher asks the cluster every few seconds, apart from the rows.
+        "unowned_partitions_age_seconds": _age(now.total(
+            "ingestd_owners_checked_timestamp_seconds"), now.wall),
         "restarts": int(now.total("ingestd_worker_restarts_total")),
         "max_rate": detail.get("max_rate") or 0,
         "rate_limited_workers": int(now.total("ingestd_rate_limited")),
@@ -152,14 +156,22 @@ def render(status: dict[str, Any], url: str) -> str:
         lines.append(f"{key.replace('_', '-'):>14} {total['count']:>14,}  "
                      f"{_number(total['per_second'])}/s")
     paused = status["backpressure_paused_workers"]
+    age = status["unowned_partitions_age_seconds"]
     lines += ["", f"lag {status['lag']:,}; backpressure "
                   f"{f'pausing {paused} workers' if paused else 'off'}; partitions without an "
-                  f"owner {status['unowned_partitions']}; restarts {status['restarts']}"]
+                  f"owner {status['unowned_partitions']}"
+                  f"{'' if age is None else f' (as the cluster said {age:.0f}s ago)'}; "
+                  f"restarts {status['restarts']}"]
     if status["max_rate"]:
         limited = status["rate_limited_workers"]
         lines.append(f"rate limit {_number(status['max_rate'])}/s: "
                      f"{f'pausing {limited} workers' if limited else 'not limiting'}")
     return "\n".join(lines)
+
+
+def _age(timestamp: float, wall: float) -> float | None:
+    """Seconds since a Unix ``timestamp`` (0: never), at ``wall``."""
+    return round(max(0.0, wall - timestamp), 1) if timestamp else None
 
 
 def _number(value: float | None) -> str:
