@@ -45,12 +45,22 @@ dlq_refused = Gauge("ingestd_dlq_refused",
 fetch_too_large = Gauge("ingestd_fetch_too_large",
                         "1 while a worker cannot fetch a record larger than "
                         "receive.message.max.bytes", multiprocess_mode="livesum")
+broker_unreachable = Gauge("ingestd_broker_unreachable",
+                           "Workers that cannot reach the broker now: celery (a refused "
+                           "batch or a failed queue probe) or kafka (no broker connection up "
+                           "in librdkafka's statistics)", ["broker"],
+                           multiprocess_mode="livesum")
+celery_queue_depth = Gauge("ingestd_celery_queue_depth",
+                           "Tasks waiting in the Celery queue, as a worker's probe last saw "
+                           "them (every few seconds)", ["queue"], multiprocess_mode="livemax")
 backpressure_paused = Gauge("ingestd_backpressure_paused",
                             "1 while a worker is paused because the Celery queue is full",
                             multiprocess_mode="livesum")
 workers_alive = Gauge("ingestd_workers_alive", "Worker processes alive",
                       multiprocess_mode="livemax")
 worker_restarts = Counter("ingestd_worker_restarts_total", "Workers replaced after they died")
+stuck_kills = Counter("ingestd_worker_stuck_kills_total",
+                      "Workers the supervisor killed because their loop stopped beating")
 # Per worker, for `ingestd status`: which slot owns which partition, and what each dispatched.
 worker_dispatched = Counter("ingestd_worker_dispatched_total",
                             "Signals accepted by the Celery broker, by worker slot", ["slot"])

@@ -168,15 +168,21 @@ def test_a_record_that_kills_its_worker_twice_is_dead_lettered(
     stack.produce(topic, values, partition=0)
     g = stack.group()
     schema = "tests.poison:" + ("Killing" if poison_name == "kill" else "Spinning")
+    port = stack.free_port()
     args = stack.ingestd_args(topic, g, broker_url, "--schema", schema, "--worker-timeout", "3",
-                              "--batch-size", str(n), *extra)
+                              "--batch-size", str(n), "--metrics-addr", f"127.0.0.1:{port}",
+                              *extra)
     with stack.Ingestd(*args) as ingestd:
         assert stack.wait_until(lambda: stack.committed_offsets(g, topic, 1) == {0: n}, 120), \
             ingestd.output()[-3000:]
+        metrics = stack.http_get(f"http://127.0.0.1:{port}/metrics")[1].decode()
         ingestd.signal(signal.SIGTERM)
         assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
     out = ingestd.output()
     assert out.count(death) == 2, out[-3000:]
+    stuck = 2 if poison_name == "spin" else 0
+    assert f"ingestd_worker_stuck_kills_total {stuck}.0" in metrics.splitlines(), metrics
+    assert "ingestd_worker_restarts_total 2.0" in metrics.splitlines(), metrics
     assert f"died twice while it held {topic} partition 0 offsets {poison}-{poison}:" in out
     tasks = [rid for t in stack.queued_tasks(broker_url)
              for rid in t.get(codec.RECORD_IDS) or [t["id"]]]

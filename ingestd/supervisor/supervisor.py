@@ -280,6 +280,9 @@ class Supervisor:
                     self.quarantine(handle.slot, handle.holding.held())
                 handle.holding.close()
             _mark_dead(pid)
+            if handle.stuck:  # killed by check_heartbeats, replaced at once
+                self.restarts[handle.slot] = self.restarts.get(handle.slot, 0) + 1
+                _count_restart()
             if handle.stopping_since is not None or self.draining_until is not None:
                 log.info("worker %d (pid %d) exited with %d", handle.slot, pid, code)
                 if self.draining_until is not None and code != ExitCode.OK:
@@ -373,6 +376,7 @@ class Supervisor:
                           "stacks follow", handle.slot, handle.pid, handle.heartbeat.age())
                 _kill(handle.pid, signal.SIGABRT)
                 handle.stuck = True
+                _count_stuck_kill()
                 handle.stopping_since = time.monotonic() - self.config.drain_timeout + 5
                 self.next_spawn[handle.slot] = 0.0
 
@@ -588,6 +592,12 @@ def _count_restart() -> None:
     from ingestd import metrics
 
     metrics.worker_restarts.inc()
+
+
+def _count_stuck_kill() -> None:
+    from ingestd import metrics
+
+    metrics.stuck_kills.inc()
 
 
 def _set_max_rate(rate: float) -> None:

@@ -62,9 +62,12 @@ class KafkaEvents:
         self.log.warning("offsets not stored or committed: %s", err.str())
 
     def on_stats(self, stats_json: str) -> None:
-        """The lag of every owned partition, and the requests sent since the last report."""
+        """The lag of every owned partition, the requests sent since the last report, and
+        whether any connection to a Kafka broker is up."""
         stats: dict[str, Any] = orjson.loads(stats_json)
         self._count_requests(stats)
+        self.status.kafka(any(broker.get("state") == "UP"
+                              for broker in stats.get("brokers", {}).values()))
         gauge, owned = self.metrics.consumer_lag, self.owned()
         for topic, tdata in stats.get("topics", {}).items():
             for pid, pdata in tdata.get("partitions", {}).items():

@@ -116,7 +116,7 @@ class Worker:
         self.pauses = Pauses(self.consumer, self.feed, self._waited, bucket, metrics)
         self.pipeline = Pipeline(config, dispatcher, quarantine, self.events.on_record_error)
         self.assignment = Assignment(self.consumer, config, slot, self)
-        self.watch = QueueWatch(config, self.pauses.backpressure, self._broker_state)
+        self.watch = QueueWatch(config, self.pauses.backpressure, self._broker_state, metrics)
         self.publisher = Publisher(config, slot, dispatcher, self.watch, metrics)
         self.inflight = self.publisher.inflight
 

@@ -36,6 +36,10 @@ class Status:
         self.dlq_error = ""  # the dead-letter topic refuses letters: why
         self.fetch_error, self.fetch_error_at = "", 0.0  # a record too large to fetch
         self.line = ""
+        self.unreachable = {name: metrics.broker_unreachable.labels(name)
+                            for name in ("celery", "kafka")}
+        for gauge in self.unreachable.values():
+            gauge.set(0)
 
     def update(self, waiting: str, joined: bool) -> None:
         """The line for what the worker waits for (``waiting``) and whether it has its
@@ -70,6 +74,11 @@ class Status:
         else:
             self.broker_log.warning("%s", exc)
         self.broker_error = error
+        self.unreachable["celery"].set(1 if exc else 0)
+
+    def kafka(self, reachable: bool) -> None:
+        """librdkafka's statistics show a connection to a Kafka broker up, or none."""
+        self.unreachable["kafka"].set(0 if reachable else 1)
 
     def dlq(self, exc: DeadLetterError | None) -> None:
         error = str(exc)[:LIMIT] if exc else ""
