@@ -14,6 +14,7 @@ a test can see the checker catch them (``tests/test_demo.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -256,7 +257,7 @@ def watch(ingestd: subprocess.Popen[bytes], results: redis.Redis, load: Load, ur
           f"{'dead-lettered':>14} {'executed':>9} {'rate/s':>9}")
     started = time.monotonic()
     last, last_t, moved = 0.0, started, started
-    shown = 0
+    shown = executed = last_executed = 0
     while True:
         time.sleep(1)
         now = time.monotonic()
@@ -269,11 +270,12 @@ def watch(ingestd: subprocess.Popen[bytes], results: redis.Redis, load: Load, ur
         except status.Unreachable:
             reading = None
         consumed = reading.total("ingestd_messages_consumed_total") if reading else 0.0
-        executed = int(results.get(reference_tasks.EXECUTED_KEY) or 0)
+        with contextlib.suppress(redis.RedisError):  # Redis away (scripts/dashboard)
+            executed = int(results.get(reference_tasks.EXECUTED_KEY) or 0)
         rate = (consumed - last) / (now - last_t)
-        if consumed != last:
+        if consumed != last or executed != last_executed:  # Celery may run a backlog still
             moved = now
-        last, last_t = consumed, now
+        last, last_t, last_executed = consumed, now, executed
         print(f"{now - started:8.0f} {load.sent:10d} {consumed:10.0f} "
               f"{reading.total('ingestd_messages_dispatched_total') if reading else 0:11.0f} "
               f"{reading.total('ingestd_dlq_produced_total') if reading else 0:14.0f} "
