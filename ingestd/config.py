@@ -83,6 +83,20 @@ def _broker_url(v: str) -> str | None:
     return None
 
 
+VALUE_FORMATS = ("json", "registry-json", "registry-avro", "registry-protobuf")
+
+
+def _registry_url(v: str) -> str | None:
+    parts = urlsplit(v)
+    if v and (parts.scheme not in ("http", "https", "mock") or not parts.hostname):
+        return "an http://, https:// (or, for tests, mock://) URL of a schema registry"
+    try:
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        return "a URL with a numeric port"
+    return None
+
+
 def _file_or_empty(v: str) -> str | None:
     return None if not v or os.path.isfile(v) else "a readable file (or empty)"
 
@@ -307,6 +321,26 @@ class Config:
         help="give each task the keyword argument kafka: its record's topic, partition, "
              "offset, timestamp, key and headers (in batch dispatch, a list aligned with the "
              "signals)")
+    value_format: str = setting(
+        "json", choices=VALUE_FORMATS,
+        help="the records' values: json, or Confluent's Schema Registry wire format (a "
+             "schema id, then JSON Schema, Avro or Protobuf), decoded to JSON with the "
+             "schema the registry gives for the id")
+    schema_registry_url: str = setting(
+        "", metavar="URL", check=_registry_url,
+        help="the schema registry's URL for --value-format registry-* (Confluent's REST "
+             "API; a user:password@ in it is sent as HTTP basic auth)")
+    schema_registry_tls_ca: str = setting(
+        "", metavar="FILE", check=_file_or_empty,
+        help="CA certificates (PEM) to verify an https:// schema registry with (default: "
+             "certifi's)")
+    schema_registry_tls_cert: str = setting(
+        "", metavar="FILE", check=_file_or_empty,
+        help="client certificate (PEM) for a schema registry that asks for one")
+    schema_registry_tls_key: str = setting(
+        "", metavar="FILE", check=_file_or_empty,
+        help="the registry client certificate's private key (PEM), if not in the "
+             "certificate's file")
     schema: str = setting(
         "signal", metavar="SCHEMA", check=_schema,
         help="signal, object (any JSON object) or module:Struct (a msgspec Struct)")
@@ -496,7 +530,7 @@ def redact(text: str) -> str:
 
 def shown(name: str, value: Any) -> Any:
     """A setting's value as it may appear in logs and ``--check`` output."""
-    if name == "broker_url":
+    if name in ("broker_url", "schema_registry_url"):
         return redact_url(value)
     if name == "kafka_property":
         return tuple(redact_property(p) for p in value)
@@ -707,6 +741,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         raise ConfigError(f"queue-type: {config.queue_type} queues are RabbitMQ's; a Redis "
                           "broker has lists, not queue types (use an amqp:// --broker-url)")
     _check_broker(config)
+    _check_registry(config)
     names = {f.name for f in SETTINGS}
     options = {k: v for k, v in args.items() if k not in names}
     return Loaded(config, sources, check, config_file, options)
@@ -726,6 +761,24 @@ def _check_broker(config: Config) -> None:
                                       or config.broker_tls_insecure):
         raise ConfigError("broker-tls: not offered with sentinel:// URLs (kombu would take "
                           "TLS to the master but not to the Sentinels)")
+
+
+def _check_registry(config: Config) -> None:
+    """The value format and the schema registry's settings agree."""
+    registry = config.value_format != "json"
+    if registry and not config.schema_registry_url:
+        raise ConfigError(f"schema-registry-url: expected the registry's URL for "
+                          f"--value-format {config.value_format}")
+    tls = (config.schema_registry_tls_ca or config.schema_registry_tls_cert
+           or config.schema_registry_tls_key)
+    if not registry and (config.schema_registry_url or tls):
+        raise ConfigError("schema-registry-url: only for --value-format registry-json, "
+                          "registry-avro or registry-protobuf")
+    if config.schema_registry_tls_key and not config.schema_registry_tls_cert:
+        raise ConfigError("schema-registry-tls-key: the key of a client certificate "
+                          "(--schema-registry-tls-cert)")
+    if tls and urlsplit(config.schema_registry_url).scheme != "https":
+        raise ConfigError("schema-registry-tls: only for an https:// schema registry URL")
 
 
 def _merged(f: dataclasses.Field[Any], args: Mapping[str, Any], env: Mapping[str, str],

@@ -23,8 +23,9 @@ from ingestd.config import Config
 from ingestd.errors import ConfigError, RecordError
 
 DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE = "decode", "not_object", "schema", "too_large"
+SCHEMA_ID = "schema_id"  # --value-format registry-*: the registry does not know the id
 INTERNAL = "internal"  # any other exception while one record was handled
-REASONS = (DECODE, NOT_OBJECT, SCHEMA, TOO_LARGE, INTERNAL)
+REASONS = (DECODE, NOT_OBJECT, SCHEMA, SCHEMA_ID, TOO_LARGE, INTERNAL)
 DETAIL_MAX = 1024
 # A prefork `celery worker` fails tasks nested ~500 deep (pickling recursion)
 # and dies at ~700, on every retry: such records are refused here.

@@ -54,11 +54,19 @@ def amqp(url: str) -> None:
         conn.connect()
 
 
+def http(url: str) -> None:
+    """A GET of ``url`` answers 200 (urlopen raises on any other status)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2):
+        pass
+
+
 if __name__ == "__main__":
     kind, target = sys.argv[1], sys.argv[2]
     try:
         {"kafka": kafka, "redis": redis, "amqp": amqp, "sentinel": sentinel,
-         "sentinel-master": sentinel_master}[kind](target)
+         "sentinel-master": sentinel_master, "http": http}[kind](target)
     except Exception as exc:
         print(f"{kind} not ready: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -12,7 +12,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from ingestd import config as cfg
-from ingestd import kafka, rdkafka, version
+from ingestd import kafka, rdkafka, registry, version
 from ingestd.celery import dispatch
 from ingestd.celery import tls as brokertls
 from ingestd.errors import ExitCode, IngestdError
@@ -34,6 +34,8 @@ def run_check(loaded: cfg.Loaded) -> int:
     problems: list[str] = []
     problems += check_kafka(config)
     problems += check_broker(config)
+    if config.value_format != "json":
+        problems += check_registry(config)
     for p in problems:
         print(f"problem: {cfg.redact(p)}")
     print("check: ok" if not problems else f"check: {len(problems)} problem(s)")
@@ -122,4 +124,17 @@ def check_broker(config: cfg.Config) -> list[str]:
               f"{config.broker_min_replicas})")
     for topic, route in config.routes.items():
         print(f"  route {topic} -> task {route.task} on queue {route.queue}")
+    return []
+
+
+def check_registry(config: cfg.Config) -> list[str]:
+    """Reach the schema registry, with the credentials and TLS files the workers use."""
+    url = cfg.redact_url(config.schema_registry_url)
+    try:
+        subjects = registry.new_client(config).get_subjects()
+    except Exception as exc:
+        return [f"schema registry {url}: unreachable or refused ({type(exc).__name__}: "
+                f"{cfg.redact(str(exc))})"]
+    print(f"schema registry {url}: reachable, {len(subjects)} subjects; values are "
+          f"{config.value_format}")
     return []

@@ -45,6 +45,7 @@ from ingestd.errors import DispatchError
 from ingestd.heartbeat import REJOIN, REPLACE
 from ingestd.quarantine import Holding, Quarantine, ranges_of
 from ingestd.ratelimit import RateLimit, batch_cap
+from ingestd.registry import RegistryUnavailable
 from ingestd.worker.assignment import Assignment
 from ingestd.worker.backpressure import QueueWatch
 from ingestd.worker.events import KafkaEvents
@@ -187,6 +188,8 @@ class Worker:
     def decode_and_build(self, messages: list[Message]) -> Batch:
         """The batch of ``messages``: what a batch cannot hold goes back to the feed. While
         the records could kill the process, the supervisor knows which they are."""
+        if self.pipeline.registry is not None:
+            self.resolve_schemas(messages)
         if self.holding is not None:
             self.holding.hold(ranges_of(messages))
         batch, rest = self.pipeline.decode(messages, self.assignment.owned,
@@ -196,6 +199,27 @@ class Worker:
         if self.holding is not None:
             self.holding.hold([])
         return batch
+
+    def resolve_schemas(self, messages: list[Message]) -> None:
+        """Before a batch of a registry format is decoded: every schema it names, from the
+        registry. While the registry does not answer, the partitions are paused and it is
+        asked again with backoff, as a Celery broker is; a stop may abandon the batch."""
+        registry = self.pipeline.registry
+        assert registry is not None
+        attempt = 0
+        while not self.pauses.abandoned:
+            try:
+                registry.resolve(messages)
+            except RegistryUnavailable as exc:
+                delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
+                delay *= random.uniform(0.5, 1.0)
+                attempt += 1
+                self.status.registry(f"{exc}; retrying in {delay:.1f}s (attempt {attempt}), "
+                                     "partitions paused")
+                self.pauses.wait(lambda: False, delay, "registry", "")
+                continue
+            self.status.registry("")
+            return
 
     # --- the batch in flight ----------------------------------------------
 

@@ -26,6 +26,7 @@ from ingestd.errors import RecordError
 from ingestd.metadata import kafka_metadata, trace_context
 from ingestd.quarantine import DETAIL as QUARANTINED
 from ingestd.quarantine import Quarantine
+from ingestd.registry import Registry
 from ingestd.schema import INTERNAL, TOO_LARGE, Validator
 
 Partition = tuple[str, int]
@@ -67,6 +68,8 @@ class Pipeline:
         self.quarantine = quarantine
         self.on_error = on_error
         self.validator = validator(config)
+        # --value-format registry-*: each record to its JSON text first
+        self.registry = Registry(config) if config.value_format != "json" else None
         self.task_bound = task_bound(config)
 
     def decode(self, messages: list[Message], owned: set[Partition],
@@ -83,6 +86,7 @@ class Pipeline:
         batch = Batch(revision=revision)
         # Bound to locals: this loop runs once per record.
         check = self.validator.check
+        registry = self.registry
         # A Task from its fields in C: NamedTuple's own __new__ is Python, twice the cost.
         new, task, add_task = tuple.__new__, dispatch.Task, batch.tasks.append
         offsets, consumed = batch.offsets, batch.consumed
@@ -132,6 +136,8 @@ class Pipeline:
                 continue
             raw = msg.value()
             try:
+                if registry is not None:
+                    raw = registry.decode(raw)
                 obj = check(raw, extra)
             except RecordError as exc:
                 batch.letters.append(_letter(msg, exc.reason, exc.detail, headers))

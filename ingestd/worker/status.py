@@ -34,10 +34,11 @@ class Status:
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
         self.broker_error = ""  # the Celery broker is unreachable: why
         self.dlq_error = ""  # the dead-letter topic refuses letters: why
+        self.registry_error = ""  # the schema registry does not answer: why
         self.fetch_error, self.fetch_error_at = "", 0.0  # a record too large to fetch
         self.line = ""
         self.unreachable = {name: metrics.broker_unreachable.labels(name)
-                            for name in ("celery", "kafka")}
+                            for name in ("celery", "kafka", "schema_registry")}
         for gauge in self.unreachable.values():
             gauge.set(0)
 
@@ -47,8 +48,9 @@ class Status:
         if self.fetch_error and time.monotonic() - self.fetch_error_at > FETCH_ERROR_KEPT:
             self.fetch_error = ""
             self.metrics.fetch_too_large.set(0)
-        if self.broker_error or self.dlq_error or self.fetch_error:
-            self.line = self.broker_error or self.dlq_error or self.fetch_error
+        problem = self.broker_error or self.dlq_error or self.registry_error or self.fetch_error
+        if problem:
+            self.line = problem
         elif waiting:
             self.line = waiting
         elif not joined:
@@ -75,6 +77,17 @@ class Status:
             self.broker_log.warning("%s", exc)
         self.broker_error = error
         self.unreachable["celery"].set(1 if exc else 0)
+
+    def registry(self, error: str) -> None:
+        """The schema registry did not answer (why, and the retry), or did ("")."""
+        if error and not self.registry_error:
+            self.unreachable["schema_registry"].set(1)
+        elif self.registry_error and not error:
+            log.info("schema registry reachable again")
+            self.unreachable["schema_registry"].set(0)
+        if error:
+            self.broker_log.warning("%s", error)
+        self.registry_error = error[:LIMIT]
 
     def kafka(self, reachable: bool) -> None:
         """librdkafka's statistics show a connection to a Kafka broker up, or none."""
