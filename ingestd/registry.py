@@ -67,8 +67,7 @@ def client_config(config: Config) -> dict[str, Any]:
     if parts.username is not None:
         user = urllib.parse.unquote(parts.username)
         password = urllib.parse.unquote(parts.password or "")
-        conf.update({"basic.auth.credentials.source": "USER_INFO",
-                     "basic.auth.user.info": f"{user}:{password}"})
+        conf["basic.auth.user.info"] = f"{user}:{password}"
     for key, value in (("ssl.ca.location", config.schema_registry_tls_ca),
                        ("ssl.certificate.location", config.schema_registry_tls_cert),
                        ("ssl.key.location", config.schema_registry_tls_key)):

@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
 RABBITMQ_URL = f"amqp://guest:guest@127.0.0.1:{os.environ.get('RABBITMQ_PORT', '5672')}//"
+# scripts/stack up --with-registry: Apicurio Registry's Confluent-compatible API
+REGISTRY_URL = f"http://127.0.0.1:{os.environ.get('REGISTRY_PORT', '8081')}/apis/ccompat/v7"
 SENTINEL_MASTER = os.environ.get("SENTINEL_MASTER_NAME", "ingestd")
 SENTINEL_PORTS = [int(p) for p in os.environ.get("SENTINEL_PORTS", "26379 26380 26381").split()]
 REDIS_DATABASES = 64  # scripts/stack starts redis-server with --databases 64

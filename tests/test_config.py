@@ -532,3 +532,28 @@ def test_redis_sentinel_urls_and_master_name() -> None:
             (["--broker-min-replicas", "-1"], "a number >= 0")]:
         with pytest.raises(ConfigError, match=expected):
             load(argv, {})
+
+
+def test_schema_registry_settings(tmp_path: Path) -> None:
+    url = "https://u:pw@registry:8443/apis/ccompat/v7"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    loaded = load(["--value-format", "registry-avro", "--schema-registry-url", url,
+                   "--schema-registry-tls-ca", str(ca)], {}).config
+    assert (loaded.value_format, loaded.schema_registry_tls_ca) == ("registry-avro", str(ca))
+    assert config.shown("schema_registry_url", url) == \
+        "https://u:***@registry:8443/apis/ccompat/v7"
+    env = {"INGESTD_VALUE_FORMAT": "registry-protobuf", "INGESTD_SCHEMA_REGISTRY_URL": url}
+    assert load([], env).config.value_format == "registry-protobuf"
+    for argv, expected in [
+            (["--value-format", "registry-json"], "expected the registry's URL"),
+            (["--schema-registry-url", url], "only for --value-format registry-json"),
+            (["--value-format", "avro"], "invalid choice"),
+            (["--value-format", "registry-json", "--schema-registry-url", "ftp://r"],
+             "an http://, https://"),
+            (["--value-format", "registry-json", "--schema-registry-url", "http://r",
+              "--schema-registry-tls-ca", str(ca)], "only for an https://"),
+            (["--value-format", "registry-json", "--schema-registry-url", url,
+              "--schema-registry-tls-key", str(ca)], "the key of a client certificate")]:
+        with pytest.raises(ConfigError, match=expected):
+            load(argv, {})

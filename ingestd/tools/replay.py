@@ -5,7 +5,8 @@ that group's committed offsets up to the high watermarks it saw at start, so an
 interrupted replay resumes where it stopped. Each letter it selects (``--reason``,
 every reason but ``internal`` if none is named; ``--partition`` and ``--offset-range``
 by the source coordinates in its headers) is checked against the current ``--schema``
-and record limits, unless ``--all``; one that passes is produced, with its original
+and record limits (a ``--value-format registry-*`` letter decoded with its schema
+first), unless ``--all``; one that passes is produced, with its original
 key, value and headers, to its source topic (or ``--to``), by an idempotent producer,
 with ``ingestd.replay.count`` one higher. A letter replayed ``--max-replays`` times
 already is skipped, so nothing loops forever. The source topic a letter names must be
@@ -34,11 +35,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from ingestd import config as cfg
 from ingestd import dlq, kafka, logs, rdkafka
 from ingestd.errors import ConfigError, ExitCode, RecordError
+from ingestd.registry import Registry, RegistryUnavailable
 from ingestd.schema import INTERNAL, REASONS, Validator
 
 # The daemon's settings that replay uses: it shares the daemon's --config file.
 SETTINGS = ("topic", "bootstrap_servers", "dlq_topic", "schema", "max_record_bytes",
-            "max_record_items", "batch_size", "kafka_property", "log_format", "log_level")
+            "max_record_items", "batch_size", "kafka_property", "log_format", "log_level",
+            "value_format", "schema_registry_url", "schema_registry_tls_ca",
+            "schema_registry_tls_cert", "schema_registry_tls_key")
 KAFKA_TIMEOUT = 15.0
 DELIVERY_TIMEOUT = 30.0  # the producer's message.timeout.ms
 FLUSH_TIMEOUT = 60.0
@@ -200,6 +204,9 @@ class Replay:
         self.group = group_of(self.topic)
         self.validator = None if options.replay_all else Validator(
             config.schema, config.max_record_bytes, config.max_record_items)
+        # A registry format's letters are decoded as the workers decode them, then checked.
+        self.registry = Registry(config) if self.validator is not None and \
+            config.value_format != "json" else None
         self.batch_size = config.batch_size
         self.counts = Counts()
         self.errors: list[str] = []
@@ -293,8 +300,15 @@ class Replay:
         if self.validator is not None:
             try:
                 key = msg.key()
-                self.validator.check(value, (len(key) if key else 0)
+                decoded = value
+                if self.registry is not None:
+                    self.registry.resolve([msg])
+                    decoded = self.registry.decode(value)
+                self.validator.check(decoded, (len(key) if key else 0)
                                      + rdkafka.headers_size(theirs))
+            except RegistryUnavailable as exc:  # the run stops before this letter
+                self._refuse(cast(int, msg.partition()), cast(int, msg.offset()), str(exc))
+                return
             except RecordError as exc:
                 self.counts.invalid[exc.reason] += 1
                 return
