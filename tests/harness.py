@@ -486,7 +486,8 @@ class KafkaCluster(PrivateService):
 
 PORTS = {"kafka": (("KAFKA_PORT", 1), ("KAFKA_CONTROLLER_PORT", 1)),
          "rabbitmq": (("RABBITMQ_PORT", 1), ("RABBITMQ_DIST_PORT", 1)),
-         "sentinel": (("SENTINEL_PORTS", 3), ("SENTINEL_REDIS_PORTS", 2))}
+         "sentinel": (("SENTINEL_PORTS", 3), ("SENTINEL_REDIS_PORTS", 2)),
+         "registry": (("REGISTRY_PORT", 1),)}
 
 
 def private_service(service: str, **env: str) -> contextlib.AbstractContextManager[PrivateService]:

@@ -127,18 +127,19 @@ def protobuf_json(i: int) -> dict[str, Any]:
             "samples": [i, str(2**60 + 1)]}
 
 
-def serializer(kind: str, client: Any) -> Callable[[int, str], bytes]:
+def serializer(kind: str, client: Any, schema: str | None = None) -> Callable[[int, str], bytes]:
     """``(i, topic) -> value``: record i framed by confluent-kafka's serializer of
-    ``kind`` (avro, json, protobuf), its schema registered under ``<topic>-value``."""
+    ``kind`` (avro, json, protobuf), its schema (Avro's or JSON's: ``schema``, if given)
+    registered under ``<topic>-value`` at the first record."""
     from confluent_kafka.schema_registry.avro import AvroSerializer
     from confluent_kafka.schema_registry.json_schema import JSONSerializer
     from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
 
     if kind == "avro":
-        avro = AvroSerializer(client, AVRO_SCHEMA)
+        avro = AvroSerializer(client, schema or AVRO_SCHEMA)
         return lambda i, topic: avro(avro_record(i), _ctx(topic))
     if kind == "json":
-        js = JSONSerializer(JSON_SCHEMA, client)
+        js = JSONSerializer(schema or JSON_SCHEMA, client)
         return lambda i, topic: js(json_record(i), _ctx(topic))
     cls = protobuf_class()
     pb = ProtobufSerializer(cls, client, {"use.deprecated.format": False})

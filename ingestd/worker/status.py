@@ -32,6 +32,7 @@ class Status:
         self.beat = beat
         self.metrics = metrics
         self.broker_log = logs.RateLimited(logs.get("broker"), burst=1)
+        self.registry_log = logs.RateLimited(logs.get("registry"), burst=1)
         self.broker_error = ""  # the Celery broker is unreachable: why
         self.dlq_error = ""  # the dead-letter topic refuses letters: why
         self.registry_error = ""  # the schema registry does not answer: why
@@ -86,7 +87,7 @@ class Status:
             log.info("schema registry reachable again")
             self.unreachable["schema_registry"].set(0)
         if error:
-            self.broker_log.warning("%s", error)
+            self.registry_log.warning("%s", error)
         self.registry_error = error[:LIMIT]
 
     def kafka(self, reachable: bool) -> None:
