@@ -6,6 +6,8 @@ per-record cost is the reported time / 1000 (``extra_info["records"]``).
 Groups:
 
 - ``decode+validate``: one record's bytes to a validated dict (or, typed, validated only).
+- ``decode: value formats``: the same signals as plain JSON and in the Schema Registry's
+  wire format (JSON Schema, Avro, Protobuf), each to a validated dict.
 - ``build message``: 1000 ``each``-mode tasks to the bytes kombu's Redis transport LPUSHes
   (ingestd: the whole LPUSH command, in C and in Python);
   ``build message: argsrepr`` and ``build message: delivery_tag`` time two of its pieces.
@@ -123,6 +125,57 @@ def test_decode_validate(benchmark: Benchmark, corpus: list[bytes],
     assert len(out) == N_RECORDS
     if not variant.startswith(("f-", "a2-")):
         assert out == signals
+
+
+# --------------------------------------------------------------- decode: value formats
+
+
+def _plain_signal(signal: dict[str, Any], i: int) -> dict[str, Any]:
+    """The corpus signal with the five fields every format's schema declares."""
+    ts = signal["timestamp"]
+    return {"name": signal["name"], "value": float(signal["value"]),
+            "source": signal["source"],
+            "timestamp": ts if isinstance(ts, float) else 1732800000.0 + i,
+            "tags": signal.get("tags", {})}
+
+
+FORMATS = ["json", "registry-json", "registry-avro", "registry-protobuf"]
+
+
+@pytest.mark.benchmark(group="decode: value formats")
+@pytest.mark.parametrize("value_format", FORMATS)
+def test_decode_value_format(benchmark: Benchmark, signals: list[dict[str, Any]],
+                             value_format: str) -> None:
+    """A record's value to a validated signal, as a worker does it: plain JSON
+    (``Validator.check``), or the registry's wire format decoded to JSON first
+    (``Registry.decode``, the schema cached), then checked. The same signals in each."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from ingestd.registry import Registry
+    from tests import registry_formats
+
+    _records(benchmark)
+    plain = [_plain_signal(s, i) for i, s in enumerate(signals)]
+    check = schema.Validator("signal", 1 << 20).check
+    if value_format == "json":
+        values = [orjson.dumps(s) for s in plain]
+        decode: Callable[[bytes], bytes] = bytes
+    else:
+        client = SchemaRegistryClient.new_client({"url": f"mock://bench-{value_format}"})
+        kind = value_format.removeprefix("registry-")
+        serialize = registry_formats.signal_serializer(kind, client)
+        values = [serialize(s, TOPIC) for s in plain]
+        reg = Registry(Config(value_format=value_format, schema_registry_url="mock://b"),
+                       client)
+        reg.resolve([Message(topic=TOPIC, partition=0, offset=0, value=values[0])])
+        decode = reg.decode
+
+    def run() -> list[Any]:
+        return [check(decode(v)) for v in values]
+
+    out = benchmark(run)
+    _per_record(benchmark)
+    assert out == plain
 
 
 # ----------------------------------------------------------------------------- build message

@@ -152,3 +152,54 @@ def expected(kind: str, i: int) -> dict[str, Any]:
 
 def _ctx(topic: str) -> SerializationContext:
     return SerializationContext(topic, MessageField.VALUE)
+
+
+# --- the default signal, in each format: what the benchmark compares with plain JSON ----
+
+SIGNAL_AVRO = """{
+  "type": "record", "name": "Signal", "namespace": "ingestd.bench",
+  "fields": [{"name": "name", "type": "string"}, {"name": "value", "type": "double"},
+             {"name": "source", "type": "string"}, {"name": "timestamp", "type": "double"},
+             {"name": "tags", "type": {"type": "map", "values": "string"}}]
+}"""
+
+
+def signal_protobuf_class() -> Any:
+    """The signal as a Protobuf message: the same five fields, tags a map."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from google.protobuf.message_factory import GetMessageClass
+
+    f = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="ingestd_bench_signal.proto",
+                                               package="ingestd.bench", syntax="proto3")
+    signal = proto.message_type.add(name="Signal")
+    entry = signal.nested_type.add(name="TagsEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    for number, (name, kind) in enumerate([("name", f.TYPE_STRING), ("value", f.TYPE_DOUBLE),
+                                           ("source", f.TYPE_STRING),
+                                           ("timestamp", f.TYPE_DOUBLE)], 1):
+        signal.field.add(name=name, number=number, type=kind, label=f.LABEL_OPTIONAL)
+    signal.field.add(name="tags", number=5, type=f.TYPE_MESSAGE, label=f.LABEL_REPEATED,
+                     type_name=".ingestd.bench.Signal.TagsEntry")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return GetMessageClass(pool.FindMessageTypeByName("ingestd.bench.Signal"))
+
+
+def signal_serializer(kind: str, client: Any) -> Callable[[dict[str, Any], str], bytes]:
+    """``(signal, topic) -> value``: a signal dict framed in ``kind``'s format."""
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+
+    if kind == "avro":
+        avro = AvroSerializer(client, SIGNAL_AVRO)
+        return lambda signal, topic: avro(signal, _ctx(topic))
+    if kind == "json":
+        js = JSONSerializer(JSON_SCHEMA, client)
+        return lambda signal, topic: js(signal, _ctx(topic))
+    cls = signal_protobuf_class()
+    pb = ProtobufSerializer(cls, client, {"use.deprecated.format": False})
+    return lambda signal, topic: pb(cls(**signal), _ctx(topic))

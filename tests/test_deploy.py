@@ -111,4 +111,4 @@ def test_the_dashboard_and_the_rules_name_only_metrics_a_live_ingestd_exports(
         valid + len(INVALID)
     assert sample(samples, "ingestd_celery_queue_depth", queue="celery") is not None
     assert {labels for name, labels in samples if name == "ingestd_broker_unreachable"} == \
-        {(("broker", "celery"),), (("broker", "kafka"),)}
+        {(("broker", "celery"),), (("broker", "kafka"),), (("broker", "schema_registry"),)}
