@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import redis
+import trustme
 from confluent_kafka import KafkaException
 
 from tests import stack
@@ -176,3 +179,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "faults" in item.path.parts:
             item.add_marker(pytest.mark.slow)
+
+
+# --- TLS: a CA of the tests' own ---------------------------------------------------
+
+
+class Certs(NamedTuple):
+    ca: Path  # the CA's certificate: what --broker-tls-ca (--schema-registry-tls-ca) names
+    server: Path  # key and certificate for 127.0.0.1 and localhost, from the CA
+    wrong_host: Path  # from the CA, for wrong.example
+    untrusted: Path  # for 127.0.0.1, from another CA
+    client: Path  # a client certificate from the CA
+
+
+@pytest.fixture(scope="module")
+def certs() -> Iterator[Certs]:
+    # Not under pytest's tmp_path (mode 0700): RabbitMQ reads them as its own user.
+    directory = Path(tempfile.mkdtemp(prefix="ingestd-tls-"))
+    directory.chmod(0o755)
+    ca, other = trustme.CA(), trustme.CA()
+    out = {"ca": directory / "ca.pem"}
+    ca.cert_pem.write_to_path(str(out["ca"]))
+    for name, issuer, hosts in [("server", ca, ("127.0.0.1", "localhost")),
+                                ("wrong_host", ca, ("wrong.example",)),
+                                ("untrusted", other, ("127.0.0.1", "localhost")),
+                                ("client", ca, ("ingestd@example",))]:
+        issued = issuer.issue_cert(*hosts)
+        out[name] = directory / f"{name}.pem"
+        issued.private_key_and_cert_chain_pem.write_to_path(str(out[name]))
+    for path in out.values():
+        path.chmod(0o644)
+    yield Certs(**out)
+    shutil.rmtree(directory, ignore_errors=True)

@@ -7,57 +7,25 @@ to a real ``celery worker``; a server that asks for a client certificate gets on
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import redis
-import trustme
 
 from ingestd.celery import reference_tasks
 from tests import stack
+from tests.conftest import Certs
 from tests.harness import private_service
 
 pytestmark = pytest.mark.stack
 PASSWORD = "tls-s3cret"
-
-
-class Certs(NamedTuple):
-    ca: Path  # the CA's certificate: what --broker-tls-ca names
-    server: Path  # key and certificate for 127.0.0.1 and localhost, from the CA
-    wrong_host: Path  # from the CA, for wrong.example
-    untrusted: Path  # for 127.0.0.1, from another CA
-    client: Path  # a client certificate from the CA
-
-
-@pytest.fixture(scope="module")
-def certs() -> Iterator[Certs]:
-    # Not under pytest's tmp_path (mode 0700): RabbitMQ reads them as its own user.
-    directory = Path(tempfile.mkdtemp(prefix="ingestd-tls-"))
-    directory.chmod(0o755)
-    ca, other = trustme.CA(), trustme.CA()
-    out = {"ca": directory / "ca.pem"}
-    ca.cert_pem.write_to_path(str(out["ca"]))
-    for name, issuer, hosts in [("server", ca, ("127.0.0.1", "localhost")),
-                                ("wrong_host", ca, ("wrong.example",)),
-                                ("untrusted", other, ("127.0.0.1", "localhost")),
-                                ("client", ca, ("ingestd@example",))]:
-        issued = issuer.issue_cert(*hosts)
-        out[name] = directory / f"{name}.pem"
-        issued.private_key_and_cert_chain_pem.write_to_path(str(out[name]))
-    for path in out.values():
-        path.chmod(0o644)
-    yield Certs(**out)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

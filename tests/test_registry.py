@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,6 +30,7 @@ from ingestd.errors import RecordError
 from ingestd.registry import Registry, RegistryUnavailable
 from tests import registry_formats as formats
 from tests import stack
+from tests.conftest import Certs
 from tests.test_poison import headers_of
 
 KINDS = ("avro", "json", "protobuf")
@@ -203,3 +205,141 @@ def test_records_of_each_format_run_on_a_stock_celery_worker(
         results = redis.Redis.from_url(results_url)
         assert stack.wait_until(lambda: results.hlen(reference_tasks.SCORES_KEY) >= n, 60)
     assert {k.decode() for k in results.hkeys(reference_tasks.SCORES_KEY)} == set(tasks)
+
+
+# --- TLS: a real listener with a certificate from the tests' own CA ----------------------
+
+PASSWORD = "registry-s3cret"
+
+
+class TlsFront:
+    """A TLS listener in front of the stack's registry, with ``cert`` (asking clients
+    for a certificate from ``clients_ca``, if given): it forwards each GET and keeps the
+    Authorization header of each request that reached it."""
+
+    def __init__(self, cert: Path, clients_ca: Path | None = None) -> None:
+        import ssl
+        import threading
+        import urllib.error
+        import urllib.request
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.auth: list[str | None] = []
+        front = self
+
+        class Forward(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                front.auth.append(self.headers.get("Authorization"))
+                base = stack.REGISTRY_URL.split("/apis/")[0]
+                try:
+                    with urllib.request.urlopen(base + self.path, timeout=10) as answer:
+                        status, body = answer.status, answer.read()
+                except urllib.error.HTTPError as exc:
+                    status, body = exc.code, exc.read()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert))
+        if clients_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(str(clients_ca))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, password: str = PASSWORD) -> str:
+        return f"https://ingestd:{password}@127.0.0.1:{self.port}/apis/ccompat/v7"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def tls_front() -> Iterator[Callable[..., TlsFront]]:
+    fronts: list[TlsFront] = []
+
+    def start(cert: Path, clients_ca: Path | None = None) -> TlsFront:
+        fronts.append(TlsFront(cert, clients_ca))
+        return fronts[-1]
+
+    yield start
+    for front in fronts:
+        front.close()
+
+
+def registry_check(topic: str, url: str, *tls: str) -> subprocess.CompletedProcess[str]:
+    args = stack.ingestd_args(topic, stack.group(), stack.redis_url(0), "--dlq-topic", "",
+                              "--value-format", "registry-avro", "--schema-registry-url",
+                              url, *tls)
+    return subprocess.run([sys.executable, "-m", "ingestd", "--check", *args],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          cwd=stack.REPO)
+
+
+def registry_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert PASSWORD not in result.stdout + result.stderr
+    (line,) = [x for x in result.stdout.splitlines()
+               if x.startswith(("schema registry", "problem: schema registry"))]
+    return line
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("case", ["untrusted", "no CA given", "wrong host"])
+def test_a_registry_not_verified_gets_no_password(
+        topic_factory: Callable[..., str], certs: Certs,
+        tls_front: Callable[..., TlsFront], case: str) -> None:
+    """The handshake fails before a byte of HTTP: the password never leaves."""
+    cert = {"untrusted": certs.untrusted, "no CA given": certs.server,
+            "wrong host": certs.wrong_host}[case]
+    front = tls_front(cert)
+    ca = () if case == "no CA given" else ("--schema-registry-tls-ca", str(certs.ca))
+    result = registry_check(topic_factory(), front.url(), *ca)
+    assert result.returncode == 1, result.stdout
+    line = registry_line(result)
+    assert line.startswith("problem: schema registry https://ingestd:***@127.0.0.1"), line
+    assert "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line, line
+    assert front.auth == []
+
+
+@pytest.mark.registry
+def test_a_verified_registry_gets_the_credentials_and_serves_the_workers(
+        topic_factory: Callable[..., str], broker_url: str, certs: Certs,
+        tls_front: Callable[..., TlsFront]) -> None:
+    """With its CA given: --check reaches it with the URL's credentials as basic auth,
+    and the workers get their schemas through it (a client certificate too, where the
+    registry asks for one)."""
+    import base64
+
+    front = tls_front(certs.server, clients_ca=certs.ca)
+    topic = topic_factory()
+    tls = ("--schema-registry-tls-ca", str(certs.ca))
+    without_cert = registry_check(topic, front.url(), *tls)
+    assert without_cert.returncode == 1 and front.auth == []
+    tls += ("--schema-registry-tls-cert", str(certs.client))
+    result = registry_check(topic, front.url(), *tls)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert registry_line(result).startswith("schema registry https://ingestd:***@127.0.0.1")
+    assert front.auth == ["Basic " + base64.b64encode(f"ingestd:{PASSWORD}".encode()).decode()]
+    serialize = formats.serializer("avro", SchemaRegistryClient({"url": stack.REGISTRY_URL}))
+    n = 20
+    stack.produce(topic, [serialize(i, topic) for i in range(n)])
+    args = stack.ingestd_args(topic, stack.group(), broker_url, "--dlq-topic", "",
+                              "--value-format", "registry-avro", "--schema-registry-url",
+                              front.url(), *tls)
+    with stack.Ingestd(*args) as ingestd:
+        assert stack.wait_until(lambda: len(stack.queued_tasks(broker_url)) == n, 60), \
+            ingestd.output()[-3000:]
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0
+    assert PASSWORD not in ingestd.output()
+    assert {t["id"]: t["args"] for t in stack.queued_tasks(broker_url)} == \
+        {f"{topic}-0-{i}": [formats.expected("avro", i)] for i in range(n)}
