@@ -41,7 +41,7 @@ from confluent_kafka import Message
 
 from ingestd.config import Config, redact_url
 from ingestd.errors import IngestdError, RecordError
-from ingestd.schema import DECODE, DETAIL_MAX, SCHEMA_ID
+from ingestd.schema import DECODE, DETAIL_MAX, INTERNAL, SCHEMA_ID
 
 MAGIC = 0
 HEADER = 5  # the magic byte and the schema id
@@ -126,6 +126,8 @@ class Registry:
                               else "null value (tombstone)")
         decoder = self.decoders.get(sid)
         if decoder is None:
+            if sid not in self.unknown:  # resolve() did not run: a stop abandoned the batch
+                raise RecordError(INTERNAL, f"schema id {sid} was not asked of the registry")
             raise RecordError(SCHEMA_ID, f"schema id {sid} is not in the schema registry "
                                          f"{self.url}")
         assert value is not None

@@ -97,6 +97,15 @@ def test_an_unknown_schema_id_is_a_schema_id_dead_letter_asked_again_later(
     assert asked == [2**31 - 1] * 2
 
 
+def test_an_id_never_asked_of_the_registry_is_never_called_unknown() -> None:
+    """Only an id the registry said it does not know is ``schema_id``: one that decode()
+    meets unasked (a batch a stop abandoned) is no claim about the registry."""
+    reg, serialize = mock_registry("avro")
+    with pytest.raises(RecordError) as err:
+        reg.decode(serialize(1, "t"))
+    assert err.value.reason == "internal"
+
+
 @pytest.mark.parametrize(("value", "detail"), [
     (b'{"plain": "json"}', "not in the Schema Registry wire format"),
     (b"\x00\x00\x00", "not in the Schema Registry wire format"),
