@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 from celery import Celery
@@ -53,3 +57,50 @@ def test_running_stats_z_score() -> None:
     assert [stats.add(x) for x in (1.0, 1.0)] == [0.0, 0.0]
     stats.add(3.0)
     assert stats.add(10.0) > 2.0
+
+
+def test_a_kafka_folder_formatted_by_another_release_is_refused(tmp_path: Path) -> None:
+    """Storage keeps the features of the release that formatted it (share groups came
+    with 4.2): scripts/stack says so in one line instead of starting it."""
+    data = tmp_path / "kafka" / "data"
+    data.mkdir(parents=True)
+    (data / "meta.properties").write_text("cluster.id=x\n")
+    (tmp_path / "kafka" / "kafka-version").write_text("4.1.1\n")
+    env = {**os.environ, "INGESTD_STACK_DIR": str(tmp_path),
+           "KAFKA_PORT": str(stack.free_port()), "KAFKA_CONTROLLER_PORT": str(stack.free_port())}
+    done = subprocess.run([str(stack.REPO / "scripts" / "stack"), "up", "kafka"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert "holds a Kafka formatted by 4.1.1, not 4." in done.stderr, done.stderr
+    assert "remove" in done.stderr.splitlines()[-1]
+
+
+def test_share_groups_are_on(topic_factory: Callable[..., str]) -> None:
+    """Kafka 4.2's share groups (KIP-932): confluent-kafka's preview ShareConsumer gets
+    every record of a topic, each delivered once, and acknowledges it explicitly."""
+    from confluent_kafka import AcknowledgeType, ShareConsumer
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    topic = topic_factory(partitions=2)
+    group = f"share-{uuid.uuid4().hex[:8]}"
+    # A share group starts at the end of each partition unless told otherwise.
+    earliest = ConfigResource(ConfigResource.Type.GROUP, group, incremental_configs=[
+        ConfigEntry("share.auto.offset.reset", "earliest",
+                    incremental_operation=AlterConfigOpType.SET)])
+    stack.admin().incremental_alter_configs([earliest])[earliest].result(30)
+    stack.produce(topic, [b"r%d" % i for i in range(10)])
+    consumer = ShareConsumer({"bootstrap.servers": stack.BOOTSTRAP, "group.id": group,
+                              "share.acknowledgement.mode": "explicit"})
+    got: list[tuple[bytes, int]] = []
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 60
+        while len(got) < 10 and time.monotonic() < deadline:
+            for msg in consumer.poll(1.0).records():
+                assert msg.error() is None, msg.error()
+                got.append((msg.value(), msg.delivery_count()))
+                consumer.acknowledge(msg, AcknowledgeType.ACCEPT)
+        consumer.commit_sync(30)
+    finally:
+        consumer.close()
+    assert sorted(got) == sorted((b"r%d" % i, 1) for i in range(10))
