@@ -145,15 +145,19 @@ def test_redis_paused_or_restarted_under_load(
 
 @pytest.mark.timeout(600)
 def test_redis_sentinel_master_killed_under_load(make_run: Callable[..., Run]) -> None:
-    """A Redis master, its replica and three Sentinels; ingestd and a Sentinel-aware celery
-    worker given the Sentinels. The master is SIGKILLed under load: the Sentinels promote
-    the replica, and both follow. With ``--broker-min-replicas 1`` a batch counts only
-    once the replica has it too, so what the dead master held alone was never committed:
-    batches wait until the old master is back, as the new one's replica. Nothing is
-    lost; a worker pushes again at most the one batch its lost connection held."""
+    """A Redis master, its replica and three Sentinels; ingestd given the Sentinels. The
+    master is SIGKILLed under load: the Sentinels promote the replica, and ingestd
+    follows. With ``--broker-min-replicas 1`` a batch counts only once the replica has
+    it too, so what the dead master held alone was never committed: batches wait until
+    the old master is back, as the new one's replica. Nothing is lost; a worker pushes
+    again at most the one batch its lost connection held.
+
+    The Sentinel-aware celery worker starts once the failover is over, as with the other
+    Redis faults: a message it has popped when the master dies can be lost on kombu's
+    side (its copy in the unacked hash is written after the pop, and may never reach the
+    replica), which is no evidence about ingestd (1 record in one run of several)."""
     with private_sentinels() as sentinels:
         run = make_run(broker_url=sentinels.url, celery=False)
-        run.start_celery(env={"CELERY_CONFIG_MODULE": "tests.sentinel_celeryconfig"})
         ingestd = run.ingestd(*RETRY, "--broker-master-name", sentinels.MASTER,
                               "--broker-min-replicas", "1")
         run.load.start(LOAD // 2, LOAD_SECONDS // 2)
@@ -164,6 +168,7 @@ def test_redis_sentinel_master_killed_under_load(make_run: Callable[..., Run]) -
             time.sleep(OUTAGE)
         finally:
             sentinels.up()  # the old master, back as the new one's replica
+        run.start_celery(env={"CELERY_CONFIG_MODULE": "tests.sentinel_celeryconfig"})
         settled = run.settle()
         code = run.stop(ingestd)
         run.verify(max_duplicates=2 * BATCH)  # a batch per worker
