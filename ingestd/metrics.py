@@ -47,8 +47,9 @@ fetch_too_large = Gauge("ingestd_fetch_too_large",
                         "receive.message.max.bytes", multiprocess_mode="livesum")
 broker_unreachable = Gauge("ingestd_broker_unreachable",
                            "Workers that cannot reach the broker now: celery (a refused "
-                           "batch or a failed queue probe) or kafka (no broker connection up "
-                           "in librdkafka's statistics)", ["broker"],
+                           "batch or a failed queue probe), kafka (no broker connection up "
+                           "in librdkafka's statistics) or schema_registry (a batch waits "
+                           "for a schema)", ["broker"],
                            multiprocess_mode="livesum")
 celery_queue_depth = Gauge("ingestd_celery_queue_depth",
                            "Tasks waiting in the Celery queue, as a worker's probe last saw "

@@ -281,8 +281,7 @@ class Supervisor:
                 handle.holding.close()
             _mark_dead(pid)
             if handle.stuck:  # killed by check_heartbeats, replaced at once
-                self.restarts[handle.slot] = self.restarts.get(handle.slot, 0) + 1
-                _count_restart()
+                self.count_restart(handle.slot)
             if handle.stopping_since is not None or self.draining_until is not None:
                 log.info("worker %d (pid %d) exited with %d", handle.slot, pid, code)
                 if self.draining_until is not None and code != ExitCode.OK:
@@ -304,10 +303,15 @@ class Supervisor:
             streak = max(self.failures[handle.slot], self.quick_deaths[handle.slot])
             delay = min(MAX_RESTART_BACKOFF, 0.5 * 2 ** (streak - 1))
             self.next_spawn[handle.slot] = time.monotonic() + delay
-            self.restarts[handle.slot] = self.restarts.get(handle.slot, 0) + 1
-            _count_restart()
+            self.count_restart(handle.slot)
             log.warning("worker %d (pid %d) died (%s); restarting in %.1fs", handle.slot, pid,
                         _describe_exit(code), delay)
+
+    def count_restart(self, slot: int) -> None:
+        """A worker of ``slot`` is replaced after it died or was killed as stuck: for
+        /readyz and ``ingestd_worker_restarts_total``."""
+        self.restarts[slot] = self.restarts.get(slot, 0) + 1
+        _count_restart()
 
     def quarantine(self, slot: int, held: list[Range]) -> None:
         """A worker died holding these records: those that killed a worker before too are

@@ -211,8 +211,7 @@ class Worker:
             try:
                 registry.resolve(messages)
             except RegistryUnavailable as exc:
-                delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
-                delay *= random.uniform(0.5, 1.0)
+                delay = self._backoff(attempt)
                 attempt += 1
                 self.status.registry(f"{exc}; retrying in {delay:.1f}s (attempt {attempt}), "
                                      "partitions paused")
@@ -236,8 +235,7 @@ class Worker:
         attempt = 0
         while self.refused is not None and not self.pauses.abandoned:
             batch, exc = self.refused
-            delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
-            delay *= random.uniform(0.5, 1.0)
+            delay = self._backoff(attempt)
             attempt += 1
             self.status.broker_log.warning("%s; retrying in %.1fs (attempt %d), partitions paused",
                                     exc, delay, attempt)
@@ -254,6 +252,12 @@ class Worker:
         if self.pauses.abandoned and (self.refused or self.inflight.busy):
             log.warning("stopping with a batch the broker did not accept; it and the records "
                         "after it were not committed and will be consumed again")
+
+    def _backoff(self, attempt: int) -> float:
+        """How long to wait before retry ``attempt`` (0, 1, ...) of something refused or
+        not answering: doubling up to ``--retry-max-backoff``, jittered."""
+        delay: float = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
+        return delay * random.uniform(0.5, 1.0)
 
     def _collect(self) -> None:
         """Act on the batch in flight if it finished: store its offsets, or keep it for a
