@@ -72,7 +72,10 @@ def _validate_here(config: cfg.Config) -> None:
     from ingestd import kafka, schema
 
     schema.load_struct(config.schema)
-    kafka.check_properties(kafka.consumer_config(config, 0))
+    if config.group_type == "share":
+        kafka.check_properties(kafka.share_consumer_config(config, 0), share=True)
+    else:
+        kafka.check_properties(kafka.consumer_config(config, 0))
 
 
 def supervise(loaded: cfg.Loaded, args: list[str]) -> int:

@@ -259,6 +259,11 @@ class Config:
         "classic", choices=("classic", "consumer"),
         help="group mode: classic (cooperative-sticky assignor; a restarted worker takes "
              "its partitions back at once) or consumer (KIP-848, brokers 4.0 and later)")
+    group_type: str = setting(
+        "classic", choices=("classic", "share"),
+        help="group mode: classic (each partition pinned to one worker, in order) or share "
+             "(experimental: Kafka 4.2's share groups, KIP-932; every worker takes records "
+             "of every partition, so --workers may exceed the partitions; no ordering)")
     offset_reset: str = setting(
         "earliest", choices=("earliest", "latest"),
         help="where a partition without a committed offset, or with one out of range, "
@@ -742,6 +747,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                           "broker has lists, not queue types (use an amqp:// --broker-url)")
     _check_broker(config)
     _check_registry(config)
+    _check_group(config)
     names = {f.name for f in SETTINGS}
     options = {k: v for k, v in args.items() if k not in names}
     return Loaded(config, sources, check, config_file, options)
@@ -761,6 +767,18 @@ def _check_broker(config: Config) -> None:
                                       or config.broker_tls_insecure):
         raise ConfigError("broker-tls: not offered with sentinel:// URLs (kombu would take "
                           "TLS to the master but not to the Sentinels)")
+
+
+def _check_group(config: Config) -> None:
+    """A share group (--group-type share) has no pinned partitions and one protocol."""
+    if config.group_type != "share":
+        return
+    if config.assignment != "group":
+        raise ConfigError("group-type: share groups hand records, not partitions, to the "
+                          "workers; not with --assignment static")
+    if config.group_protocol != "classic":
+        raise ConfigError("group-protocol: only for --group-type classic (a share group "
+                          "has a protocol of its own)")
 
 
 def _check_registry(config: Config) -> None:

@@ -71,6 +71,26 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
     return props
 
 
+def share_consumer_config(config: Config, slot: int) -> dict[str, Any]:
+    """The share consumer's settings (--group-type share). The group, not the client,
+    holds a share group's session, its record locks, its delivery limit and where it
+    starts: librdkafka refuses the classic consumer's settings for them."""
+    props: dict[str, Any] = {
+        "bootstrap.servers": config.bootstrap_servers,
+        "group.id": config.group_id,
+        # Each record is accepted only once the Celery broker has its task.
+        "share.acknowledgement.mode": "explicit",
+        # A hint: a poll may return more (whole record batches).
+        "max.poll.records": config.batch_size,
+        "fetch.min.bytes": 1,
+        "fetch.wait.max.ms": 100,
+        "statistics.interval.ms": 5000,
+        "client.id": f"ingestd-{config.instance_id}-{slot}",
+    }
+    props.update(client_config(config, "consumer"))
+    return props
+
+
 def producer_config(config: Config) -> dict[str, Any]:
     """The dead-letter producer: durable, idempotent, sharing the consumer's security."""
     return {"acks": "all", "enable.idempotence": True, "linger.ms": 5,
@@ -91,13 +111,13 @@ def client_config(config: Config, kind: str) -> dict[str, Any]:
     return props
 
 
-def check_properties(props: dict[str, Any]) -> None:
+def check_properties(props: dict[str, Any], share: bool = False) -> None:
     """Reject unknown or malformed consumer properties at start, with librdkafka's own
-    message."""
-    from confluent_kafka import Consumer
+    message (``share``: those a share consumer refuses, too)."""
+    from confluent_kafka import Consumer, ShareConsumer
 
     try:
-        client = Consumer({**props,
+        client = (ShareConsumer if share else Consumer)({**props,
                            "bootstrap.servers": props.get("bootstrap.servers", "localhost"),
                            "logger": logging.getLogger("librdkafka")})
     except (KafkaException, ValueError, TypeError) as exc:

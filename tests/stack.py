@@ -101,6 +101,16 @@ def create_topic(partitions: int = 1, prefix: str = "t", bootstrap: str = BOOTST
     return name
 
 
+def set_group_config(group: str, config: dict[str, str], bootstrap: str = BOOTSTRAP) -> None:
+    """Set a group's own configs (a share group's record lock, say)."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    resource = ConfigResource(ConfigResource.Type.GROUP, group, incremental_configs=[
+        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+        for k, v in config.items()])
+    admin(bootstrap).incremental_alter_configs([resource])[resource].result(30)
+
+
 def wait_for_topic(name: str, partitions: int, timeout: float = 30,
                    bootstrap: str = BOOTSTRAP) -> None:
     deadline = time.monotonic() + timeout

@@ -557,3 +557,29 @@ def test_schema_registry_settings(tmp_path: Path) -> None:
               "--schema-registry-tls-key", str(ca)], "the key of a client certificate")]:
         with pytest.raises(ConfigError, match=expected):
             load(argv, {})
+
+
+def test_share_group_type() -> None:
+    """--group-type share: a group of its own kind; the consumer settings it has no use
+    for are refused, and so are the share consumer's settings a classic one would get."""
+    from ingestd import kafka
+
+    loaded = load(["--group-type", "share"]).config
+    assert loaded.group_type == "share"
+    assert load([], {"INGESTD_GROUP_TYPE": "share"}).config.group_type == "share"
+    props = kafka.share_consumer_config(loaded, 3)
+    assert props["share.acknowledgement.mode"] == "explicit"
+    assert not {"group.instance.id", "session.timeout.ms", "enable.auto.commit",
+                "partition.assignment.strategy", "auto.offset.reset"} & set(props)
+    kafka.check_properties(props, share=True)
+    for argv, expected in [
+            (["--group-type", "share", "--assignment", "static"], "not with --assignment"),
+            (["--group-type", "share", "--group-protocol", "consumer"],
+             "only for --group-type classic"),
+            (["--group-type", "queue"], "group-type")]:
+        with pytest.raises(ConfigError, match=expected):
+            load(argv, {})
+    with pytest.raises(ConfigError, match=r"session\.timeout\.ms"):
+        kafka.check_properties(kafka.share_consumer_config(
+            load(["--group-type", "share", "-X", "session.timeout.ms=6000"]).config, 0),
+            share=True)

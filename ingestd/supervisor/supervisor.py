@@ -394,8 +394,8 @@ class Supervisor:
                 log.info("stopping worker %d (pid %d)", slot, handle.pid)
                 handle.stopping_since = now
                 _kill(handle.pid, signal.SIGTERM)
-        if (self.config.assignment == "group" and self.watcher is None
-                and now >= self.next_watcher):
+        if (self.config.assignment == "group" and self.config.group_type == "classic"
+                and self.watcher is None and now >= self.next_watcher):
             self.spawn_watcher()
         _set_alive(len(self.workers))
 
@@ -538,10 +538,16 @@ def run_worker(config: Config, slot: int, heartbeat: Heartbeat, early: list[int]
     logs.configure(config.log_format, config.log_level, role="worker", slot=slot)
     # The SIGABRT of a stuck worker (check_heartbeats) prints every thread's stack.
     faulthandler.enable(all_threads=True)
-    from ingestd.worker.loop import Worker  # imported after fork: librdkafka is not fork-safe
+    # imported after fork: librdkafka is not fork-safe
+    from ingestd.worker.loop import Worker
+    from ingestd.worker.share import ShareWorker
 
+    worker: Worker | ShareWorker
     try:
-        worker = Worker(config, slot, heartbeat.beat, holding, quarantine, rate_limit)
+        if config.group_type == "share":  # a record's deliveries guard it, not quarantine
+            worker = ShareWorker(config, slot, heartbeat.beat, rate_limit)
+        else:
+            worker = Worker(config, slot, heartbeat.beat, holding, quarantine, rate_limit)
     except Exception as exc:
         log.error("worker %d cannot boot: %s", slot, exc,
                   exc_info=not isinstance(exc, IngestdError))

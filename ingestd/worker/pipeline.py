@@ -327,7 +327,11 @@ def _letter_of(by_offset: dict[tuple[str, int, int], Message], topic: str, recor
                reason: str, detail: str) -> DeadLetter:
     """The dead letter of the record whose id (``<topic>-<partition>-<offset>``) is given."""
     partition, offset = map(int, record_id[len(topic) + 1:].split("-"))
-    msg = by_offset[(topic, partition, offset)]
+    return letter(by_offset[(topic, partition, offset)], reason, detail)
+
+
+def letter(msg: Message, reason: str, detail: str) -> DeadLetter:
+    """The dead letter of a consumed record (``msg`` has no error)."""
     return _letter(msg, reason, detail, rdkafka.headers(msg))
 
 
