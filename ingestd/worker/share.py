@@ -79,6 +79,11 @@ LOCK_MS, DELIVERY_LIMIT = 30000, 5  # Kafka's defaults, until the cluster says o
 POLL_TIMEOUT = 0.1  # seconds a poll waits for records: the loop's beat while idle
 ADMIN_TIMEOUT = 10.0
 RETRY_INITIAL_BACKOFF = 0.1
+# A record delivered this often has come back twice (the workers that had it died, its
+# lock ran out, or it was released): it goes alone, so that if it is what kills workers,
+# nothing else comes back with it. A record back once (after a crash, or an outage's
+# release) still goes in batches.
+SUSPECT = 3
 JOIN_STATUS = "waiting for the share group"
 BROKER_PAUSE = "broker"  # not polling: the Celery broker is unreachable
 
@@ -198,11 +203,15 @@ class ShareWorker:
                                      "hold", "")
                     continue
                 polled = time.monotonic()
-                records = self._poll()
-                for start in range(0, len(records), self.batch_size):
-                    if not self.handle(records[start:start + self.batch_size], polled):
-                        self._release(records[start + self.batch_size:])
+                chunks = self.chunks(self._poll())
+                for i, (chunk, alone) in enumerate(chunks):
+                    if alone:  # what this worker accepted so far reaches Kafka first
+                        self._commit()
+                    if not self.handle(chunk, polled):
+                        self._release([m for rest, _ in chunks[i + 1:] for m in rest])
                         break
+                    if alone:
+                        self._commit()
         finally:
             self.close()
 
@@ -236,6 +245,24 @@ class ShareWorker:
             else:
                 self.events.on_record_error(failed)
         return records
+
+    def chunks(self, records: list[Message]) -> list[tuple[list[Message], bool]]:
+        """A poll's records as batches, and whether each is a suspect alone: a record
+        delivered :data:`SUSPECT` times or more may be what killed the workers before; the
+        others go first, in batches of ``--batch-size``. (A record on its last delivery
+        is dead-lettered in any batch: it cannot kill.)"""
+        limit, size = self.terms.delivery_limit, self.batch_size
+        suspects = [m for m in records if SUSPECT <= (m.delivery_count() or 1) < limit]
+        if suspects:
+            chosen = set(map(id, suspects))
+            records = [m for m in records if id(m) not in chosen]
+            # A death on one suspect sends the suspects after it back, a delivery more. In
+            # offset order one delivery, in reverse the next: whichever record kills,
+            # every other is taken before it within two deliveries, below the limit.
+            suspects.sort(key=lambda m: (m.topic(), m.partition(), m.offset()),
+                          reverse=max(m.delivery_count() or 1 for m in suspects) % 2 == 0)
+        return ([(records[i:i + size], False) for i in range(0, len(records), size)]
+                + [([m], True) for m in suspects])
 
     def handle(self, records: list[Message], polled: float) -> bool:
         """Dispatch ``records`` (acquired at ``polled``) and acknowledge them: ACCEPT once
@@ -337,6 +364,15 @@ class ShareWorker:
         """Give ``records`` back to the group at once: another worker may take them."""
         for msg in records:
             self.consumer.acknowledge(msg, AcknowledgeType.RELEASE)
+
+    def _commit(self) -> None:
+        """Send the acknowledgements made so far, and wait for Kafka's answer (refusals
+        reach :meth:`_acknowledged`)."""
+        try:
+            self.consumer.commit_sync(ADMIN_TIMEOUT)
+        except KafkaException as exc:
+            self.ack_log.warning("acknowledgements not sent (%s): their records are delivered "
+                                 "again", exc.args[0].str())
 
     def _agree_terms(self) -> Terms:
         """The group's terms (:func:`agree_terms`), asked again with backoff while the

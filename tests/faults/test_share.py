@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import pytest
 
+from ingestd import dlq
+from ingestd.celery import codec
 from ingestd.tools import checker
 from tests import stack
 from tests.conftest import PrivateRedis
@@ -143,3 +145,39 @@ def test_share_group_unknown_group_starts_at_the_beginning(run: Run) -> None:
     assert settle(run, timeout=120), run.logs()
     run.stop(ingestd)
     verify(run, max_duplicates=0)
+
+
+@pytest.mark.timeout(600)
+def test_share_group_record_that_kills_its_workers_is_dead_lettered(
+        topic_factory: Callable[..., str], broker_url: str) -> None:
+    """A record that SIGKILLs every worker that validates it (``tests.poison:Killing``),
+    in the middle of 1,000: it comes back after each death, once its lock expires; from
+    its third delivery it goes alone, and on its last (Kafka's delivery limit, 5) it is
+    dead-lettered as ``internal`` instead. Every other record runs."""
+    topic = topic_factory()
+    n, poison = 1000, 500
+    stack.produce(topic, [stack.signal_record(i, name="kill") if i == poison
+                          else stack.signal_record(i) for i in range(n)], partition=0)
+    group = stack.group()
+    stack.set_group_config(group, {"share.record.lock.duration.ms": str(LOCK_MS)})
+    args = stack.ingestd_args(topic, group, broker_url, "--schema", "tests.poison:Killing",
+                              "--group-type", "share", "--workers", "2")
+    with stack.Ingestd(*args) as ingestd:
+        letters = stack.consume_all(f"{topic}.dlq", 1, timeout=240)
+        assert stack.wait_until(lambda: {
+            rid for t in stack.queued_tasks(broker_url) for rid in t.get(
+                codec.RECORD_IDS) or [t["id"]]} >= {f"{topic}-0-{i}" for i in range(n)
+                                                   if i != poison}, 60), \
+            ingestd.output()[-3000:]
+        ingestd.signal(signal.SIGTERM)
+        assert ingestd.wait(60) == 0, ingestd.output()[-3000:]
+    stack.delete_topic(f"{topic}.dlq")
+    out = ingestd.output()
+    assert out.count("signal SIGKILL") == 4, out[-3000:]
+    (letter,) = letters
+    headers = {k: v.decode() for k, v in letter.headers()}
+    assert (headers[dlq.OFFSET], headers[dlq.ERROR]) == (str(poison), "internal")
+    assert headers[dlq.DETAIL].startswith("delivered 5 times"), headers
+    tasks = [rid for t in stack.queued_tasks(broker_url)
+             for rid in t.get(codec.RECORD_IDS) or [t["id"]]]
+    assert f"{topic}-0-{poison}" not in tasks
