@@ -4,8 +4,9 @@ Every pipeline drains the same preloaded 4-partition topic of ~200-byte signals
 with tags, each with a consumer group and a Redis database of its own, in the
 same run, each as a process (tree) of its own:
 
-- ``ingestd``: the real ``ingestd`` (``--workers 1`` and ``2``, both dispatch modes),
-  until all N signals are accepted by Redis;
+- ``ingestd``: the real ``ingestd`` (``--workers 1`` and ``2``, both dispatch modes;
+  ``--workers 8``, more than the partitions, as a classic and as a share group), until
+  all N signals are accepted by Redis;
 - ``old script``: one ``send_task`` per message after ``json.loads``
   (:mod:`benchmarks.pipes`; it reads only the first ``BASELINE_RECORDS``);
 - ``raw pipe``: ingestd's consumer settings, natural batching, one multi-value LPUSH
@@ -21,6 +22,7 @@ process of the pipeline, from ``/proc``) and the peak RSS of its largest process
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -105,13 +107,20 @@ def drain(benchmark: Any, pid: Callable[[], int | None], done: Callable[[], int]
         cpu_us_per_signal=round(cpu_us, 2), peak_rss_mb=marks["peak"])
 
 
-@pytest.mark.parametrize(("dispatch", "workers"), [("each", 1), ("each", 2), ("batch", 1)])
+@pytest.mark.parametrize(("dispatch", "workers", "group_type"), [
+    pytest.param("each", 1, "classic", id="each-1"),
+    pytest.param("each", 2, "classic", id="each-2"),
+    pytest.param("batch", 1, "classic", id="batch-1"),
+    # More workers than partitions: the classic group leaves 4 idle, a share group none.
+    pytest.param("each", 8, "classic", id="each-8"),
+    pytest.param("each", 8, "share", id="share-each-8")])
 def test_ingestd(benchmark: Any, lagging_topic: str, dispatch: str, workers: int,
-                 queue_db: tuple[str, redis.Redis]) -> None:
+                 group_type: str, queue_db: tuple[str, redis.Redis]) -> None:
     url, client = queue_db
     group, port = f"bench-{uuid.uuid4().hex[:8]}", stack.free_port()
     args = [*stack.ingestd_args(lagging_topic, group, url, "--dispatch", dispatch),
-            "--workers", str(workers), "--metrics-addr", f"127.0.0.1:{port}"]
+            "--workers", str(workers), "--metrics-addr", f"127.0.0.1:{port}",
+            "--group-type", group_type]
     ingestd = stack.Ingestd(*args, env={"INGESTD_LOG_LEVEL": "WARNING"})
     offsets = Consumer({"bootstrap.servers": stack.BOOTSTRAP, "group.id": group})
     partitions = [TopicPartition(lagging_topic, p) for p in range(PARTITIONS)]
@@ -137,7 +146,10 @@ def test_ingestd(benchmark: Any, lagging_topic: str, dispatch: str, workers: int
     assert sum(len(t["args"][0]) if dispatch == "batch" else 1
                for t in stack.queued_tasks(url)) == RECORDS
     batches = _sample(metrics, "ingestd_batch_size_count")
+    busy = len(re.findall(r'^ingestd_worker_dispatched_total\{slot="\d+"\} [1-9]', metrics,
+                          re.M))
     benchmark.extra_info.update(tasks=int(client.llen("celery")), workers=workers,
+                                busy_workers=busy, group_type=group_type,
                                 dispatch=dispatch, batches=int(batches),
                                 mean_batch=round(_sample(metrics, "ingestd_batch_size_sum")
                                                  / max(batches, 1)))

@@ -160,3 +160,19 @@ def lag(samples: Samples, topic: str) -> float:
     """The lag the workers report, over the topic's partitions."""
     return sum(value for (name, labels), value in samples.items()
                if name == "ingestd_consumer_lag" and ("topic", topic) in labels)
+
+
+def test_snapshot_of_a_share_group_shows_no_partitions_or_lag() -> None:
+    """--group-type share: every worker takes records of every partition; the rows and
+    the totals say there is no lag or ownership to show, rather than zeros."""
+    before, now = reading(10.0, 100.0), reading(12.0, 300.0)
+    del now.samples["ingestd_owners_checked_timestamp_seconds"]  # no ownership watcher
+    now.readyz["detail"]["group_type"] = "share"
+    status = snapshot(now, before)
+    assert status["group_type"] == "share"
+    assert (status["lag"], status["unowned_partitions"]) == (None, None)
+    assert [(w["partitions"], w["lag"]) for w in status["workers"]] == [(None, None)] * 2
+    text = render(status, "http://h:1")
+    row = next(line for line in text.splitlines() if line.split()[:2] == ["0", "10"])
+    assert row.split()[2:5] == ["shared", "100", "-"], row
+    assert "share group (every worker takes records of every partition" in text

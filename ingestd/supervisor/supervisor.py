@@ -502,7 +502,7 @@ class Supervisor:
                               "uptime_seconds": round(now - handle.started, 1) if handle
                               else None})
         return {"target": self.target, "draining": self.draining_until is not None,
-                "max_rate": self.config.max_rate,
+                "group_type": self.config.group_type, "max_rate": self.config.max_rate,
                 "rate_limited": self.config.max_rate > 0 and self.rate_limit.debt() > 0,
                 "workers": slots}
 

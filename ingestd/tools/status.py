@@ -118,15 +118,22 @@ def snapshot(now: Reading, before: Reading | None) -> dict[str, Any]:
             "restarts": row["restarts"], "state": row["state"]})
     totals = {key: {"count": int(now.total(f"{metric}_total")),
                     "per_second": rate(f"{metric}_total")} for key, metric in TOTALS.items()}
+    # A share group's workers own no partitions: no lag, no ownership to show (and
+    # confluent-kafka has no share-group admin calls to ask the cluster with).
+    share = detail.get("group_type") == "share"
+    if share:
+        for worker in workers:
+            worker["partitions"] = worker["lag"] = None
     return {
         "ready": bool(now.readyz.get("ready")),
         "problems": now.readyz.get("workers", {}),
         "draining": bool(detail.get("draining")),
+        "group_type": detail.get("group_type", "classic"),
         "workers": workers,
         "totals": totals,
-        "lag": int(sum(lag.values())),
+        "lag": None if share else int(sum(lag.values())),
         "backpressure_paused_workers": int(now.total("ingestd_backpressure_paused")),
-        "unowned_partitions": int(now.total("ingestd_unowned_partitions")),
+        "unowned_partitions": None if share else int(now.total("ingestd_unowned_partitions")),
         # The ownership watcher asks the cluster every few seconds, apart from the rows.
         "unowned_partitions_age_seconds": _age(now.total(
             "ingestd_owners_checked_timestamp_seconds"), now.wall),
@@ -146,10 +153,13 @@ def render(status: dict[str, Any], url: str) -> str:
     lines = [f"ingestd at {url}: {head}", "",
              f"{'slot':>4} {'pid':>8}  {'partitions':<28} {'signals/s':>10} {'lag':>10} "
              f"{'restarts':>9}  state"]
+    share = status["group_type"] == "share"
     for w in status["workers"]:
-        parts = " ".join(f"{t}[{','.join(map(str, ps))}]" for t, ps in w["partitions"].items())
+        parts = "shared" if share else " ".join(
+            f"{t}[{','.join(map(str, ps))}]" for t, ps in w["partitions"].items())
+        lag = "-" if w["lag"] is None else f"{w['lag']:,}"
         lines.append(f"{w['slot']:>4} {w['pid'] or '-':>8}  {parts or '-':<28} "
-                     f"{_number(w['signals_per_second']):>10} {w['lag']:>10,} "
+                     f"{_number(w['signals_per_second']):>10} {lag:>10} "
                      f"{w['restarts']:>9}  {w['state']}")
     lines.append("")
     for key, total in status["totals"].items():
@@ -157,11 +167,15 @@ def render(status: dict[str, Any], url: str) -> str:
                      f"{_number(total['per_second'])}/s")
     paused = status["backpressure_paused_workers"]
     age = status["unowned_partitions_age_seconds"]
-    lines += ["", f"lag {status['lag']:,}; backpressure "
-                  f"{f'pausing {paused} workers' if paused else 'off'}; partitions without an "
-                  f"owner {status['unowned_partitions']}"
-                  f"{'' if age is None else f' (as the cluster said {age:.0f}s ago)'}; "
-                  f"restarts {status['restarts']}"]
+    backpressure = f"backpressure {f'pausing {paused} workers' if paused else 'off'}"
+    if share:
+        lines += ["", f"share group (every worker takes records of every partition: no lag "
+                      f"or ownership to show); {backpressure}; restarts {status['restarts']}"]
+    else:
+        lines += ["", f"lag {status['lag']:,}; {backpressure}; partitions without an owner "
+                      f"{status['unowned_partitions']}"
+                      f"{'' if age is None else f' (as the cluster said {age:.0f}s ago)'}; "
+                      f"restarts {status['restarts']}"]
     if status["max_rate"]:
         limited = status["rate_limited_workers"]
         lines.append(f"rate limit {_number(status['max_rate'])}/s: "

@@ -68,7 +68,13 @@ from ingestd.registry import RegistryUnavailable
 from ingestd.schema import INTERNAL
 from ingestd.worker.backpressure import QueueWatch
 from ingestd.worker.events import KafkaEvents
-from ingestd.worker.loop import DRAIN_SHARE, LIBRDKAFKA_LOG, ORPHAN_DRAIN, SWITCH_INTERVAL
+from ingestd.worker.loop import (
+    DRAIN_SHARE,
+    LIBRDKAFKA_LOG,
+    ORPHAN_DRAIN,
+    SLOW,
+    SWITCH_INTERVAL,
+)
 from ingestd.worker.pauses import SLICE, Pauses
 from ingestd.worker.pipeline import Batch, Pipeline, letter
 from ingestd.worker.publisher import Publisher
@@ -331,9 +337,10 @@ class ShareWorker:
         self.watch.handed_over(len(batch.tasks))
         attempt = 0
         while True:
-            self.inflight.submit(batch, self.publisher.publish)
-            self.pauses.wait(lambda: self.inflight.wait(0), float("inf"), "publish",
-                             "waiting for the Celery broker to accept a batch")
+            self.publisher.hand_over(batch, signals)
+            if not self.inflight.wait(SLOW):
+                self.pauses.wait(lambda: self.inflight.wait(0), float("inf"), "publish",
+                                 "waiting for the Celery broker to accept a batch")
             result = self.inflight.take()
             if result is None:  # a stop left no time for it
                 return False
