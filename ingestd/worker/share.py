@@ -226,7 +226,7 @@ class ShareWorker:
         if self.parent != os.getppid() and not self.stopping:
             log.warning("the supervisor is gone: stopping")
             self._on_stop(signal.SIGTERM, None)
-        self.status.update(self.pauses.waiting, self.joined)
+        self._update_status()
         self.watch.check()
         self.pauses.check_rate()
 
@@ -421,9 +421,12 @@ class ShareWorker:
                                  "delivered again", sum(map(len, offsets.values())),
                                  error.args[0].str())
 
+    def _update_status(self) -> None:
+        self.status.update(self.pauses.waiting or ("" if self.joined else JOIN_STATUS), True)
+
     def _waited(self) -> None:
         self.events.check()
-        self.status.update(self.pauses.waiting, self.joined)
+        self._update_status()
 
     def _broker_state(self, exc: DispatchError | None) -> None:
         """The queue watch reached the Celery broker (None), or did not: a worker polls only
