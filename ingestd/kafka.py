@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from ingestd.config import Config, redact_values
 from ingestd.errors import ConfigError
-from ingestd.ratelimit import batch_cap
+from ingestd.ratelimit import batch_size
 
 # librdkafka's scopes of a property that apply to each kind of client.
 SCOPES = {"consumer": ("*", "C"), "producer": ("*", "P"), "admin": ("*",)}
@@ -83,8 +83,7 @@ def share_consumer_config(config: Config, slot: int) -> dict[str, Any]:
         "share.acknowledgement.mode": "explicit",
         # A hint: a poll may return more (whole record batches). --max-rate caps it as it
         # caps a batch.
-        "max.poll.records": min(config.batch_size,
-                                batch_cap(config.max_rate) or config.batch_size),
+        "max.poll.records": batch_size(config.batch_size, config.max_rate),
         "fetch.min.bytes": 1,
         "fetch.wait.max.ms": 100,
         "statistics.interval.ms": 5000,

@@ -44,6 +44,11 @@ def batch_cap(rate: float) -> int:
     return max(1, int(rate * BATCH)) if rate > 0 else 0
 
 
+def batch_size(size: int, rate: float) -> int:
+    """A worker's batch size: ``--batch-size``, capped under ``--max-rate``."""
+    return min(size, batch_cap(rate) or size)
+
+
 class RateLimit:
     """Created by the supervisor before fork; the workers take, the supervisor shows."""
 

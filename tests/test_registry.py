@@ -177,12 +177,15 @@ def test_the_client_gets_the_url_without_its_credentials_and_the_tls_files(
 
 
 @pytest.mark.registry
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("kind", "group_type"),
+                         [*((kind, "classic") for kind in KINDS), ("avro", "share")])
 def test_records_of_each_format_run_on_a_stock_celery_worker(
-        topic_factory: Callable[..., str], broker_url: str, redis_db: int, kind: str) -> None:
+        topic_factory: Callable[..., str], broker_url: str, redis_db: int, kind: str,
+        group_type: str) -> None:
     """confluent-kafka's serializer writes records (registering its schema); ingestd
     sends each as the JSON the rule gives, with the argsrepr send_task would write; the
-    bad ones are dead letters with their own bytes; a stock celery worker runs the rest."""
+    bad ones are dead letters with their own bytes; a stock celery worker runs the rest.
+    A share group's workers decode the same way."""
     topic = topic_factory(partitions=2)
     topic_factory(partitions=1, name=f"{topic}.dlq")
     serialize = formats.serializer(kind, SchemaRegistryClient({"url": stack.REGISTRY_URL}))
@@ -192,7 +195,8 @@ def test_records_of_each_format_run_on_a_stock_celery_worker(
            b'{"name": "plain json"}': "decode"}
     stack.produce(topic, [*values, *bad], partition=0)
     args = stack.ingestd_args(topic, stack.group(), broker_url, "--value-format",
-                              f"registry-{kind}", "--schema-registry-url", stack.REGISTRY_URL)
+                              f"registry-{kind}", "--schema-registry-url", stack.REGISTRY_URL,
+                              "--group-type", group_type)
     check = subprocess.run([sys.executable, "-m", "ingestd", "--check", *args],
                            capture_output=True, text=True, timeout=120, check=False)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -44,7 +44,7 @@ from ingestd.config import Config
 from ingestd.errors import DispatchError
 from ingestd.heartbeat import REJOIN, REPLACE
 from ingestd.quarantine import Holding, Quarantine, ranges_of
-from ingestd.ratelimit import RateLimit, batch_cap
+from ingestd.ratelimit import RateLimit, batch_size
 from ingestd.registry import RegistryUnavailable
 from ingestd.worker.assignment import Assignment
 from ingestd.worker.backpressure import QueueWatch
@@ -79,6 +79,13 @@ REVOKE_WAIT = 10.0  # longest a revoke waits for the batch in flight to be accep
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+def backoff(max_backoff: float, attempt: int) -> float:
+    """How long to wait before retry ``attempt`` (0, 1, ...) of something refused or not
+    answering: doubling up to ``max_backoff`` (``--retry-max-backoff``), jittered."""
+    delay: float = min(max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
+    return delay * random.uniform(0.5, 1.0)
+
+
 class Worker:
     """Owns one consumer, one Celery dispatcher and one dead-letter producer, and the
     collaborators that share them."""
@@ -111,9 +118,8 @@ class Worker:
         # --max-rate: the host's bucket (the supervisor's; a worker of its own without one).
         # Without a limit, none: a batch then costs no lock. Its batches are capped.
         bucket = (rate_limit or RateLimit(config.max_rate)) if config.max_rate else None
-        batch_size = min(config.batch_size, batch_cap(config.max_rate) or config.batch_size)
-        self.feed = Feed(self.consumer, config, batch_size, quarantine,
-                         lambda: bool(self.pauses), lambda: self.inflight.busy)
+        self.feed = Feed(self.consumer, config, batch_size(config.batch_size, config.max_rate),
+                         quarantine, lambda: bool(self.pauses), lambda: self.inflight.busy)
         self.pauses = Pauses(self.consumer, self.feed, self._waited, bucket, metrics)
         self.pipeline = Pipeline(config, dispatcher, quarantine, self.events.on_record_error)
         self.assignment = Assignment(self.consumer, config, slot, self)
@@ -254,10 +260,7 @@ class Worker:
                         "after it were not committed and will be consumed again")
 
     def _backoff(self, attempt: int) -> float:
-        """How long to wait before retry ``attempt`` (0, 1, ...) of something refused or
-        not answering: doubling up to ``--retry-max-backoff``, jittered."""
-        delay: float = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
-        return delay * random.uniform(0.5, 1.0)
+        return backoff(self.config.retry_max_backoff, attempt)
 
     def _collect(self) -> None:
         """Act on the batch in flight if it finished: store its offsets, or keep it for a

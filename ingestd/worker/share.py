@@ -11,7 +11,8 @@ record a poll returns is *acquired* by this worker for the group's record lock
 - **RELEASE** when the broker refuses the batch for longer than the lock allows (a
   retry in place would then race the lock), or when a stop abandons it: another worker
   gets it again, at once;
-- a record a worker dies holding comes back when its lock expires.
+- a record a worker dies holding comes back when its lock expires, or sooner, once
+  Kafka sees the worker's share session close with its connection.
 
 Kafka counts the deliveries of each record, and archives one delivered
 ``group.share.delivery.count.limit`` times (5 by default) unacknowledged: it would be
@@ -63,7 +64,7 @@ from ingestd.config import Config
 from ingestd.errors import DispatchError
 from ingestd.heartbeat import REJOIN, REPLACE
 from ingestd.quarantine import Quarantine
-from ingestd.ratelimit import RateLimit, batch_cap
+from ingestd.ratelimit import RateLimit, batch_size
 from ingestd.registry import RegistryUnavailable
 from ingestd.schema import INTERNAL
 from ingestd.worker.backpressure import QueueWatch
@@ -74,6 +75,7 @@ from ingestd.worker.loop import (
     ORPHAN_DRAIN,
     SLOW,
     SWITCH_INTERVAL,
+    backoff,
 )
 from ingestd.worker.pauses import SLICE, Pauses
 from ingestd.worker.pipeline import Batch, Pipeline, letter
@@ -84,7 +86,6 @@ log = logs.get("worker")
 LOCK_MS, DELIVERY_LIMIT = 30000, 5  # Kafka's defaults, until the cluster says otherwise
 POLL_TIMEOUT = 0.1  # seconds a poll waits for records: the loop's beat while idle
 ADMIN_TIMEOUT = 10.0
-RETRY_INITIAL_BACKOFF = 0.1
 # A record delivered this often has come back twice (the workers that had it died, its
 # lock ran out, or it was released): it goes alone, so that if it is what kills workers,
 # nothing else comes back with it. A record back once (after a crash, or an outage's
@@ -92,6 +93,7 @@ RETRY_INITIAL_BACKOFF = 0.1
 SUSPECT = 3
 JOIN_STATUS = "waiting for the share group"
 BROKER_PAUSE = "broker"  # not polling: the Celery broker is unreachable
+REGISTRY_PAUSE = "registry"  # not polling: the schema registry does not answer
 
 
 @dataclass(frozen=True)
@@ -180,8 +182,7 @@ class ShareWorker:
                                  "logger": LIBRDKAFKA_LOG}
         self.admin = AdminClient(admin)
         bucket = (rate_limit or RateLimit(config.max_rate)) if config.max_rate else None
-        self.batch_size = min(config.batch_size,
-                              batch_cap(config.max_rate) or config.batch_size)
+        self.batch_size = batch_size(config.batch_size, config.max_rate)
         idle: Any = NotPolling()
         self.pauses = Pauses(idle, idle, self._waited, bucket, metrics)
         self.pipeline = Pipeline(config, dispatcher, Quarantine(()), self.events.on_record_error)
@@ -189,6 +190,10 @@ class ShareWorker:
         self.publisher = Publisher(config, slot, dispatcher, self.watch, metrics)
         self.inflight = self.publisher.inflight
         self.ack_log = logs.RateLimited(logs.get("kafka"))
+        # Records released because the schema registry did not answer: their schemas are
+        # asked for again before the worker polls again.
+        self.unresolved: list[Message] = []
+        self.resolve_attempt, self.next_resolve = 0, 0.0
 
     # --- the loop ---------------------------------------------------------
 
@@ -205,8 +210,7 @@ class ShareWorker:
             while not self.stopping:
                 self._tick()
                 if self.pauses:  # backpressure, the rate limit, the broker: do not poll
-                    self.pauses.wait(lambda: not self.pauses or self.stopping, SLICE * 10,
-                                     "hold", "")
+                    time.sleep(SLICE)
                     continue
                 polled = time.monotonic()
                 chunks = self.chunks(self._poll())
@@ -229,6 +233,27 @@ class ShareWorker:
         self._update_status()
         self.watch.check()
         self.pauses.check_rate()
+        if self.unresolved and time.monotonic() >= self.next_resolve:
+            self._resolve_again()
+
+    def _resolve_again(self) -> None:
+        """While the schema registry does not answer, the worker holds back; the schemas
+        of the records it released are asked for again, with backoff, and once the
+        registry answers it polls again."""
+        registry = self.pipeline.registry
+        assert registry is not None
+        try:
+            registry.resolve(self.unresolved)
+        except RegistryUnavailable as exc:
+            delay = backoff(self.config.retry_max_backoff, self.resolve_attempt)
+            self.resolve_attempt += 1
+            self.next_resolve = time.monotonic() + delay
+            self.status.registry(f"{exc}; retrying in {delay:.1f}s (attempt "
+                                 f"{self.resolve_attempt}), polling no more until it answers")
+            return
+        self.unresolved, self.resolve_attempt = [], 0
+        self.status.registry("")
+        self.pauses.set(REGISTRY_PAUSE, False)
 
     def _poll(self) -> list[Message]:
         """The records of one poll, errors reported and left out. The acknowledgements of
@@ -314,8 +339,11 @@ class ShareWorker:
                 self.status.registry("")
                 break
             except RegistryUnavailable as exc:
-                if not self._retry_wait(attempt, deadline, "registry"):
-                    self.status.registry(f"{exc}; records released")
+                if not self._retry_wait(attempt, deadline, "registry retry"):
+                    self.status.registry(f"{exc}; records released, polling no more until "
+                                         "it answers")
+                    self.unresolved = records
+                    self.pauses.set(REGISTRY_PAUSE, True)
                     return None
                 self.status.registry(f"{exc}; retrying (attempt {attempt + 1})")
                 attempt += 1
@@ -325,6 +353,7 @@ class ShareWorker:
             more, rest = self.pipeline.decode(rest, owned, 0)  # type: ignore[arg-type]
             batch.tasks += more.tasks
             batch.letters += more.letters
+            batch.records += more.records
         self.pipeline.build(batch)
         batch.drop_objects()
         return batch
@@ -349,7 +378,7 @@ class ShareWorker:
             if exc is None:
                 return True
             self.status.broker_log.warning("%s; retrying (attempt %d)", exc, attempt + 1)
-            if not self._retry_wait(attempt, deadline, "broker"):
+            if not self._retry_wait(attempt, deadline, "broker retry"):
                 log.warning(
                     "the Celery broker refused a batch for longer than its records' lock "
                     "allows: releasing them to the group, and polling no more until the "
@@ -362,7 +391,7 @@ class ShareWorker:
     def _retry_wait(self, attempt: int, deadline: float, why: str) -> bool:
         """Wait before retry ``attempt``; False when it would end past ``deadline`` (the
         records' lock) or a stop ended it."""
-        delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
+        delay = backoff(self.config.retry_max_backoff, attempt)
         if self.stopping or time.monotonic() + delay > deadline:
             return False
         return self.pauses.wait(lambda: False, delay, why, "")
@@ -397,7 +426,7 @@ class ShareWorker:
                                 "its record lock and delivery limit (%s); assuming Kafka's "
                                 "defaults", self.config.group_id, err.str())
                     return Terms()
-                delay = min(self.config.retry_max_backoff, RETRY_INITIAL_BACKOFF * 2 ** attempt)
+                delay = backoff(self.config.retry_max_backoff, attempt)
                 attempt += 1
                 self.events.log.warning("share group %r: %s; asking again in %.1fs",
                                         self.config.group_id, err.str(), delay)

@@ -1,6 +1,7 @@
 """Share groups (``--group-type share``) under load: 8 workers on a 4-partition topic,
 workers SIGKILLed mid-batch, a worker added and removed, the Celery broker down for
-longer than a retry in place may take.
+longer than a retry in place may take, a record that kills every worker that takes
+it, and a new group that must start at the beginning.
 
 A share group commits no offsets: a run is settled once every valid record ran and
 every poison one was dead-lettered. Nothing may be lost. A record a killed worker held
@@ -31,10 +32,12 @@ pytestmark = pytest.mark.stack
 LOAD = 20_000
 LOAD_SECONDS = 20
 WORKERS = 8
-# A poll returns whole record batches: up to max.poll.records (--batch-size) and what the
-# last partition's record batch holds beyond it. Measured here: at most 3 batches' worth.
+# What a killed worker may hold: a poll's records, about max.poll.records (--batch-size)
+# rounded up to whole record batches; the bound leaves room for three batches' worth.
 POLL_BOUND = 3 * BATCH
-LOCK_MS = 15_000  # the group's record lock: Kafka's least (group.share.min.record.lock...)
+# The group's record lock: the least Kafka allows by default
+# (group.share.min.record.lock.duration.ms), so that a retry in place runs out sooner.
+LOCK_MS = 15_000
 
 
 def share_run(run: Run, *extra: str, workers: int = WORKERS) -> tuple[stack.Ingestd, str]:
