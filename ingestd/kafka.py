@@ -118,10 +118,11 @@ def check_properties(props: dict[str, Any], share: bool = False) -> None:
     message (``share``: those a share consumer refuses, too)."""
     from confluent_kafka import Consumer, ShareConsumer
 
+    kind = ShareConsumer if share else Consumer
     try:
-        client = (ShareConsumer if share else Consumer)({**props,
-                           "bootstrap.servers": props.get("bootstrap.servers", "localhost"),
-                           "logger": logging.getLogger("librdkafka")})
+        client = kind({**props,
+                       "bootstrap.servers": props.get("bootstrap.servers", "localhost"),
+                       "logger": logging.getLogger("librdkafka")})
     except (KafkaException, ValueError, TypeError) as exc:
         msg = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
         raise ConfigError(f"kafka-property: {redact_values(msg, props)}") from None
