@@ -31,6 +31,7 @@ def test_the_harness_counts_every_signal_and_writes_a_results_file(tmp_path: Pat
     data = json.loads(results.read_text())
     info = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
     assert set(info) == {"test_ingestd[each-1]", "test_ingestd[each-2]", "test_ingestd[batch-1]",
+                         "test_ingestd[each-8]", "test_ingestd[share-each-8]",
                          "test_alternative[old-300]", "test_alternative[raw-2000]",
                          "test_latency_ingestd[500-0-1]", "test_latency_ingestd[500-0-2]",
                          "test_latency_raw_pipe[500-0]"}
