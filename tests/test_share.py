@@ -9,9 +9,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from confluent_kafka import AcknowledgeType
 from confluent_kafka.admin import ConfigResource
 
 from ingestd import config
+from ingestd.dlq import DeadLetter
+from ingestd.worker.pipeline import Batch
 from ingestd.worker.share import DELIVERY_LIMIT, LOCK_MS, ShareWorker, Terms, agree_terms
 from tests import stack
 
@@ -56,6 +59,28 @@ def test_suspects_go_alone_after_the_rest_in_alternating_order(deliveries: int,
                Record(2, deliveries), Record(4, deliveries), Record(5, 2)]
     assert chunks(records) == [([0, 1], False), ([5], False),
                                *[([o], True) for o in order]]
+
+
+@pytest.mark.parametrize(("accepted", "expected"), [
+    (True, ["ACCEPT", "ACCEPT", "ACCEPT"]),
+    (False, ["RELEASE", "ACCEPT", "RELEASE"])])
+def test_a_refused_batch_is_released_but_its_delivered_letters_are_accepted(
+        accepted: bool, expected: list[str]) -> None:
+    """The Celery broker refused the batch past the lock after the dead-letter topic took
+    its letter: that record is done (accepted); the others go back to the group."""
+    acks: list[tuple[int, str]] = []
+    letter = DeadLetter("t", 0, 1, 0, None, b"x", "decode", "not JSON")
+
+    def publish(batch: Batch, _deadline: float) -> bool:
+        batch.unsent = []  # the letters were delivered; then the tasks were refused
+        return accepted
+
+    worker: Any = SimpleNamespace(
+        terms=Terms(), _build=lambda records, deadline: Batch(letters=[letter]),
+        _publish=publish, consumer=SimpleNamespace(acknowledge=lambda msg, kind: acks.append(
+            (msg.offset(), AcknowledgeType(kind).name))))
+    assert ShareWorker.handle(worker, [Record(i, 1) for i in range(3)], 0.0) is accepted
+    assert acks == list(enumerate(expected))
 
 
 def test_terms_leave_a_retry_in_place_inside_the_lock() -> None:
