@@ -257,9 +257,10 @@ def share_groups(data: dict[str, Any]) -> list[str]:
         f"/s steady at {classic['cpu_us_per_signal']:.1f} CPU µs a signal; the share group "
         f"kept {share.get('busy_workers', '?')} busy, {share['steady_signals_per_s']:,}/s at "
         f"{share['cpu_us_per_signal']:.1f} µs. Over the whole run "
-        f"{classic['signals_per_s']:,}/s and {share['signals_per_s']:,}/s: a share group's "
-        "worker joins in about 5 s (the group's heartbeat interval), and on a small backlog "
-        "that is most of the run. On 2 cores shared with Kafka and Redis, neither can use "
+        f"{classic['signals_per_s']:,}/s and {share['signals_per_s']:,}/s: Kafka hands a "
+        "share group's partitions to its members at their heartbeats (every 5 s), so while "
+        "the workers join, some partitions wait for the next round; on a small backlog that "
+        "is most of the run. On 2 cores shared with Kafka and Redis, neither can use "
         "more than these cores, so the share group's extra workers show no gain here.",
     ]
     per_core_classic = 1e6 / classic["cpu_us_per_signal"]
