@@ -45,11 +45,25 @@ GROUP_PROTOCOLS: dict[str, dict[str, Any]] = {
 }
 
 
+def _member_config(config: Config, slot: int) -> dict[str, Any]:
+    """What a worker's consumer of either group type is given."""
+    return {
+        "bootstrap.servers": config.bootstrap_servers,
+        "group.id": config.group_id,
+        # A fetch returns as soon as there is data, or after 100 ms, so an
+        # idle topic costs few round trips and a busy one waits for nothing.
+        "fetch.min.bytes": 1,
+        "fetch.wait.max.ms": 100,
+        # Consumer lag for the metrics comes from librdkafka's statistics.
+        "statistics.interval.ms": 5000,
+        "client.id": f"ingestd-{config.instance_id}-{slot}",
+    }
+
+
 def consumer_config(config: Config, slot: int) -> dict[str, Any]:
     """The consumer's settings: throughput defaults, then every ``-X`` override."""
     props: dict[str, Any] = {
-        "bootstrap.servers": config.bootstrap_servers,
-        "group.id": config.group_id,
+        **_member_config(config, slot),
         # At-least-once: librdkafka commits in the background, but only offsets
         # the worker stored after the broker accepted the records.
         "enable.auto.commit": True,
@@ -62,13 +76,6 @@ def consumer_config(config: Config, slot: int) -> dict[str, Any]:
         # queued.min.messages (100,000 per partition) stays: lowering it to
         # 20,000 starved the fetcher and cut throughput fourfold here.
         "queued.max.messages.kbytes": 32768,
-        # A fetch returns as soon as there is data, or after 100 ms, so an
-        # idle topic costs few round trips and a busy one waits for nothing.
-        "fetch.min.bytes": 1,
-        "fetch.wait.max.ms": 100,
-        # Consumer lag for the metrics comes from librdkafka's statistics.
-        "statistics.interval.ms": 5000,
-        "client.id": f"ingestd-{config.instance_id}-{slot}",
     }
     if config.assignment == "group":
         props["group.instance.id"] = f"{config.instance_id}-{slot}"
@@ -82,17 +89,12 @@ def share_consumer_config(config: Config, slot: int) -> dict[str, Any]:
     holds a share group's session, its record locks, its delivery limit and where it
     starts: librdkafka refuses the classic consumer's settings for them."""
     props: dict[str, Any] = {
-        "bootstrap.servers": config.bootstrap_servers,
-        "group.id": config.group_id,
+        **_member_config(config, slot),
         # Each record is accepted only once the Celery broker has its task.
         "share.acknowledgement.mode": "explicit",
         # A hint: a poll may return more (whole record batches). --max-rate caps it as it
         # caps a batch.
         "max.poll.records": batch_size(config.batch_size, config.max_rate),
-        "fetch.min.bytes": 1,
-        "fetch.wait.max.ms": 100,
-        "statistics.interval.ms": 5000,
-        "client.id": f"ingestd-{config.instance_id}-{slot}",
     }
     props.update(client_config(config, "consumer"))
     return props

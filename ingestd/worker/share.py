@@ -178,9 +178,6 @@ class ShareWorker:
                      logger=LIBRDKAFKA_LOG)
         self.consumer = ShareConsumer(props)
         self.consumer.set_acknowledgement_commit_callback(self._acknowledged)
-        admin: dict[str, Any] = {**kafka.client_config(config, "admin"),
-                                 "logger": LIBRDKAFKA_LOG}
-        self.admin = AdminClient(admin)
         bucket = (rate_limit or RateLimit(config.max_rate)) if config.max_rate else None
         self.batch_size = batch_size(config.batch_size, config.max_rate)
         idle: Any = NotPolling()
@@ -413,10 +410,13 @@ class ShareWorker:
     def _agree_terms(self) -> Terms:
         """The group's terms (:func:`agree_terms`), asked again with backoff while the
         cluster does not answer; Kafka's defaults if it refuses."""
+        props: dict[str, Any] = {**kafka.client_config(self.config, "admin"),
+                                 "logger": LIBRDKAFKA_LOG}
+        admin = AdminClient(props)  # for start-up only: dropped with this call
         attempt = 0
         while not self.stopping:
             try:
-                terms = agree_terms(self.config, self.admin)
+                terms = agree_terms(self.config, admin)
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if not err.retriable() and err.code() not in (
